@@ -1,0 +1,62 @@
+"""Build model inputs by hand: prompt text + images -> input_ids, pixel_values, grid, token types.
+
+`Qwen2_5_VLProcessor` needs torchvision (for its video processor), so we do what it does for
+images: expand each `<|image_pad|>` to one pad per merged image token and pass
+`mm_token_type_ids` (without it transformers 5 silently falls back to 1-D positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class Encoded:
+    """One prompt ready for the model; tensors have a leading batch dim of 1 (pixels: per patch)."""
+
+    input_ids: torch.Tensor  # [1, T]
+    pixel_values: torch.Tensor | None  # [n_patches, C*T*p*p]
+    image_grid_thw: torch.Tensor | None  # [n_images, 3]
+    text: str  # prompt before pad expansion
+
+    def mm_token_type_ids(self, image_token_id: int) -> torch.Tensor:
+        return (self.input_ids == image_token_id).int()
+
+
+def n_image_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
+    """Merged image tokens per image: t*h*w / merge^2."""
+    return [int(t * h * w) // merge_size**2 for t, h, w in grid_thw.tolist()]
+
+
+def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = None) -> Encoded:
+    """Tokenize `text` (one `<|image_pad|>` per image) and process `images` to match."""
+    images = images or []
+    if text.count(IMAGE_PAD) != len(images):
+        raise ValueError(f"prompt has {text.count(IMAGE_PAD)} {IMAGE_PAD} markers but {len(images)} images were given")
+    pixel_values = grid = None
+    if images:
+        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        merge = getattr(processor, "merge_size", 2)
+        parts = text.split(IMAGE_PAD)
+        text_expanded = parts[0]
+        for n, part in zip(n_image_tokens(grid, merge), parts[1:]):
+            text_expanded += IMAGE_PAD * n + part
+    else:
+        text_expanded = text
+    ids = tokenizer(text_expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return Encoded(ids, pixel_values, grid, text)
+
+
+def chat_prompt(tokenizer, user_text: str, n_images: int = 1, system: str | None = None,
+                assistant_prefix: str = "") -> str:
+    """Chat-template a single user turn with `n_images` images first, then the assistant's start."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt + assistant_prefix

@@ -1,0 +1,45 @@
+"""One place for paths and seeds: everything is relative to the repository root.
+
+Each folder can be moved with an environment variable (LATENTMED_DATA, LATENTMED_RESULTS,
+LATENTMED_MODELS), which is how tests and CI keep their files apart from the main build.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = 0  # the project's default seed; every function that draws takes a `seed` argument
+
+
+def _dir(env: str, default: Path) -> Path:
+    return Path(os.environ.get(env, default)).resolve()
+
+
+def data_dir() -> Path:
+    """Generated data (testbed, tokenizer); git-ignored, rebuilt by the main command."""
+    return _dir("LATENTMED_DATA", ROOT / "data")
+
+
+def results_dir() -> Path:
+    """Tables and per-instance results written by notebooks and sweeps."""
+    return _dir("LATENTMED_RESULTS", ROOT / "results")
+
+
+def models_dir() -> Path:
+    """Trained testbed checkpoints (safetensors + tokenizer + LatentSpec)."""
+    return _dir("LATENTMED_MODELS", ROOT / "models")
+
+
+def ensure_writable(path: Path) -> Path:
+    """Create `path` (a folder) or fail with a message that names it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output folder {path} is not writable: {exc.strerror or exc}") from exc
+    return path
