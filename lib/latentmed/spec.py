@@ -19,6 +19,10 @@ Placement = Literal["overwrite_start", "after_start", "text", "none"]
 # model_or_cap:  latents until the model samples the end token, forced at max_latents (Mirage).
 EndRule = Literal["force_after_k", "after_k_sample", "model_or_cap"]
 AnswerFormat = Literal["boxed", "answer_tag", "letter", "word"]
+# chat: the checkpoint's chat template (real models). testbed: the zoo's raw layout, built by
+# `latentmed.layouts` (image, options, question with its key word last, then the segment, then
+# the answer as the option's content word), see training-feasibility.md.
+Template = Literal["chat", "testbed"]
 
 SPEC_FILE = "latent_spec.json"
 
@@ -39,6 +43,7 @@ class LatentSpec:
     system_prompt: str | None = None
     user_suffix: str = ""
     assistant_prefix: str = ""
+    template: Template = "chat"
 
     @property
     def has_latents(self) -> bool:
