@@ -1,0 +1,85 @@
+"""Command line: `latentmed build` (the main job) and its steps. `latentmed --help` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from . import book
+from .paths import ROOT, data_dir
+
+
+def _timed(label: str, fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    print(f"[{label}] done in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def cmd_testbed(args) -> None:
+    from .testbed import TestbedConfig, ensure
+
+    sizes = book.CI_TESTBED if args.profile == "ci" else {}
+    config = TestbedConfig(**sizes)
+    _timed("testbed", ensure, config, data_dir() / "testbed")
+
+
+def cmd_train(args) -> None:
+    try:
+        from . import zoo
+    except ImportError:
+        print("[train] no model zoo in this version; skipped")
+        return
+    _timed("train", zoo.train_zoo, budget="ci" if args.profile == "ci" else "default")
+
+
+def cmd_notebooks(args) -> None:
+    _timed("notebooks", book.execute_all, force=args.force, profile=args.profile)
+
+
+def cmd_html(args) -> None:
+    index = _timed("html", book.build_html, force=args.force)
+    print(f"[html] open {index}")
+
+
+def cmd_build(args) -> None:
+    cmd_testbed(args)
+    if not args.skip_train:
+        cmd_train(args)
+    cmd_notebooks(args)
+    cmd_html(args)
+
+
+def cmd_nbval(args) -> None:
+    for path in book.refresh_nbval():
+        print(f"[nbval] wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="latentmed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    steps = {
+        "build": (cmd_build, "everything: testbed, models, notebooks, HTML book (reuses what is built)"),
+        "testbed": (cmd_testbed, "generate the synthetic testbed into data/testbed"),
+        "train": (cmd_train, "train the testbed model zoo into models/"),
+        "notebooks": (cmd_notebooks, "execute the chapters with papermill into book/chapters"),
+        "html": (cmd_html, "build the Jupyter Book into _build/html"),
+        "nbval-refresh": (cmd_nbval, "re-execute the CI copies in tests/notebooks (then commit them)"),
+    }
+    for name, (fn, help_) in steps.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        p.add_argument("--profile", choices=["default", "ci"], default="default",
+                       help="default: full sizes; ci: small sizes for a quick check")
+        p.add_argument("--force", action="store_true", help="redo steps even if up to date")
+        p.add_argument("--skip-train", action="store_true", help="build: do not train models")
+    args = parser.parse_args(argv)
+    if args.profile == "ci":  # keep the small run's files apart from the full build
+        for name in ("DATA", "MODELS", "RESULTS"):
+            os.environ.setdefault(f"LATENTMED_{name}", str(ROOT / "build" / "ci" / name.lower()))
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

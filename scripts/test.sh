@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# THE TEST COMMAND: set up .venv, then run the unit tests and the nbval regression tests of the
+# notebooks (tests/notebooks/*.ipynb, executed copies with CI parameters) in one pytest run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/env.sh || exit 1
+# Tests and notebook checks keep their generated files apart from the main build.
+export LATENTMED_DATA="$PWD/build/test/data" LATENTMED_MODELS="$PWD/build/test/models" \
+       LATENTMED_RESULTS="$PWD/build/test/results"
+.venv/bin/python -m pytest tests --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg \
+  --nbval-current-env "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests: that is a failure of ours" >&2
+  exit 1
+fi
+exit "$rc"
