@@ -9,7 +9,8 @@ import re
 import pytest
 
 from latentmed import exports as E
-from latentmed.testbed import TestbedConfig, generate
+from latentmed.dataset import generate
+from latentmed.testbed import TestbedConfig
 
 
 @pytest.fixture(scope="module")

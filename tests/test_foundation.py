@@ -9,8 +9,9 @@ from PIL import Image
 from latentmed import paths
 from latentmed.inputs import chat_prompt, encode, n_image_tokens
 from latentmed.tiny import image_processor, make_tiny_checkpoint, tiny_config, tiny_model
-from latentmed.tokenizer import (COLOURS, METHOD_TOKENS, NUMBER_WORDS, QWEN_SPECIAL, RELATIONS,
-                                 SHAPES, build_tokenizer, load_tokenizer)
+from latentmed.scenes import COLOUR_NAMES, SHAPES
+from latentmed.testbed import NUMBER_WORDS, RELATIONS
+from latentmed.tokenizer import METHOD_TOKENS, QWEN_SPECIAL, build_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_special_tokens_follow_the_bpe_vocabulary_in_qwen_order(tok):
 
 
 def test_every_answer_word_is_one_token_with_and_without_a_space(tok):
-    for word in COLOURS + SHAPES + NUMBER_WORDS + RELATIONS + list("ABCD"):
+    for word in [*COLOUR_NAMES, *SHAPES, *NUMBER_WORDS, *RELATIONS, *"ABCD"]:
         assert len(tok.encode(" " + word)) == 1, word
         assert len(tok.encode(word)) == 1, word
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from latentmed import scenes
-from latentmed.testbed import (FAMILIES, NUMBER_WORDS, Testbed, TestbedConfig,
-                               TestbedFormatError, cell_labels, ensure, evidence_fraction,
-                               generate, load, make_item, make_scene, readability)
+from latentmed.dataset import Testbed, TestbedFormatError, ensure, generate, load
+from latentmed.resolution import readability
+from latentmed.testbed import (FAMILIES, NUMBER_WORDS, TestbedConfig, cell_labels,
+                               evidence_fraction, make_item, make_scene)
 
 TINY = dict(n_train=8, n_val=4, n_test=8)
 

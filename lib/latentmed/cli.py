@@ -18,7 +18,8 @@ def _timed(label: str, fn, *args, **kw):
 
 
 def cmd_testbed(args) -> None:
-    from .testbed import TestbedConfig, ensure
+    from .dataset import ensure
+    from .testbed import TestbedConfig
 
     sizes = book.CI_TESTBED if args.profile == "ci" else {}
     config = TestbedConfig(**sizes)

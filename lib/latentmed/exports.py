@@ -31,7 +31,8 @@ import pandas as pd
 from PIL import Image
 
 from .paths import ensure_writable
-from .testbed import GENERATOR_VERSION, LETTERS, Item, Testbed
+from .dataset import GENERATOR_VERSION, Testbed
+from .testbed import LETTERS, Item
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."

@@ -15,6 +15,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .scenes import COLOUR_NAMES, SHAPES
+from .testbed import NUMBER_WORDS, RELATIONS
+
 # Qwen2.5-VL's added tokens, in id order (151643 ... 151664 in the real vocabulary).
 QWEN_SPECIAL = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -45,10 +48,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "star"]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-RELATIONS = ["left", "right", "above", "below"]
 PROMPT_TEXT = [
     "You are a helpful assistant.",
     "You are a helpful multimodal assistant. You are required to answer the question based on the image provided. Put your final answer in \\boxed{}.",
@@ -65,7 +64,7 @@ PROMPT_TEXT = [
 
 def corpus() -> list[str]:
     """Sentences that make every testbed word (with and without a leading space) one token."""
-    words = COLOURS + SHAPES + NUMBER_WORDS + RELATIONS + list("ABCDE")
+    words = [*COLOUR_NAMES, *SHAPES, *NUMBER_WORDS, *RELATIONS, *"ABCDE"]
     lines = list(PROMPT_TEXT)
     lines += [f"{a} {b}" for a, b in product(words, words)]
     lines += [f"{w}\n{w}.{w}?" for w in words]
