@@ -13,7 +13,7 @@ from latentmed import scenes
 from latentmed.dataset import Testbed, TestbedFormatError, ensure, generate, load
 from latentmed.resolution import readability
 from latentmed.testbed import (FAMILIES, NUMBER_WORDS, TestbedConfig, cell_labels,
-                               evidence_fraction, make_item, make_scene)
+                               evidence_fraction, items_frame, make_item, make_scene)
 
 TINY = dict(n_train=8, n_val=4, n_test=8)
 
@@ -333,3 +333,12 @@ def test_make_item_rejects_bad_coordinates(cfg):
                       (("test", "attr", -1), "index")]:
         with pytest.raises(ValueError, match=msg):
             make_item(cfg, *args)
+
+
+def test_items_frame_has_one_row_per_item_with_small_evidence():
+    cfg = TestbedConfig(**TINY)
+    items = items_of(cfg, n=8)
+    frame = items_frame(items, cfg.image_size)
+    assert len(frame) == len(items) and set(frame["family"]) <= set(FAMILIES)
+    located = frame[frame["family"] != "count"]  # a count of zero has no evidence box
+    assert (located["evidence_fraction"] > 0).all() and (frame["evidence_fraction"] < 0.5).all()

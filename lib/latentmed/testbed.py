@@ -400,11 +400,8 @@ def evidence_fraction(item: Item, image_size: int | None = None) -> float:
     return area / float(size * size)
 
 
-def items_frame(items, image_size: int | None = None) -> pd.DataFrame:
+def items_frame(items: list[Item], image_size: int | None = None) -> pd.DataFrame:
     """One row per item: split, family, answer, scene size and how small the evidence is."""
-    if isinstance(items, Testbed):
-        image_size = image_size or items.config.image_size
-        items = items.items()
     rows = [dict(id=it.id, split=it.split, family=it.family, answer=it.answer,
                  answer_word=it.answer_word, n_objects=len(it.objects),
                  n_evidence=len(it.evidence_bboxes),
