@@ -3,7 +3,8 @@
 All latent reasoners share one mechanism (survey §0, §7): after a start token, for K steps the
 next input embedding is the final-layer post-norm hidden state of the previous position; then an
 end token and ordinary text. Everything that differs between Monet, LVR, Mirage and CapImagine
-is a field here. Token *names* live in the spec; ids are read from the checkpoint's tokenizer.
+is a field here. Token *names* live in the spec; ids are read from the checkpoint's tokenizer,
+cross-checked against the ids some methods also write into config.json (`resolve`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,33 @@ Placement = Literal["overwrite_start", "after_start", "text", "none"]
 # model_or_cap:  latents until the model samples the end token, forced at max_latents (Mirage).
 EndRule = Literal["force_after_k", "after_k_sample", "model_or_cap"]
 AnswerFormat = Literal["boxed", "answer_tag", "letter", "word"]
-# chat: the checkpoint's chat template (real models). testbed: the zoo's raw layout, built by
-# `latentmed.layouts` (image, options, question with its key word last, then the segment, then
-# the answer as the option's content word), see training-feasibility.md.
-Template = Literal["chat", "testbed"]
 
 SPEC_FILE = "latent_spec.json"
+LETTERS = "ABCDEFGH"
+
+# Ids some methods store in config.json (LVR: src/train/train_lvr.py; Monet: src/main.py).
+CONFIG_ID_KEYS: dict[str, dict[str, str]] = {
+    "lvr": {"start_token": "lvr_start_id", "end_token": "lvr_end_id"},
+    "monet": {"start_token": "latent_start_id", "end_token": "latent_end_id"},
+    "monet-sft": {"start_token": "latent_start_id", "end_token": "latent_end_id",
+                  "pad_token": "latent_token_id"},
+}
+
+
+@dataclass(frozen=True)
+class SpecIds:
+    """Token ids a decode loop needs, resolved from one tokenizer (+ config)."""
+
+    start: int | None
+    end: int | None
+    pad: int | None
+    eos: tuple[int, ...]
+    image: int
+
+    @property
+    def fill(self) -> int | None:
+        """Plain id written at latent slots before a replay (never a vision id)."""
+        return self.pad if self.pad is not None else self.start
 
 
 @dataclass(frozen=True)
@@ -35,7 +57,7 @@ class LatentSpec:
     pad_token: str | None = None  # id recorded at latent slots (Mirage/Monet-SFT pads)
     placement: Placement = "after_start"
     n_latents: int = 0  # K for fixed-length rules
-    max_latents: int = 0  # cap for model_or_cap
+    max_latents: int = 0  # cap for model_or_cap (0 = no cap for text spans)
     end_rule: EndRule = "force_after_k"
     head: str | None = None  # e.g. "lvr_head": module applied to hidden states before feeding
     head_on_first: bool = False  # LVR's released loop skips the head on the first latent
@@ -43,11 +65,22 @@ class LatentSpec:
     system_prompt: str | None = None
     user_suffix: str = ""
     assistant_prefix: str = ""
-    template: Template = "chat"
+    max_segments: int | None = None  # segments a run may open (None: any number, as Monet/LVR)
+    option_tokens: Literal["letter", "word"] = "letter"  # what scores an option: its letter or word
 
     @property
     def has_latents(self) -> bool:
         return self.placement in ("overwrite_start", "after_start")
+
+    @property
+    def has_segments(self) -> bool:
+        """Latent or text-imagination segments (CapImagine) are traced the same way."""
+        return self.placement != "none"
+
+    @property
+    def k_target(self) -> int:
+        """Latents before the loop ends a segment: K, or the cap for model-decided ends."""
+        return self.max_latents if self.end_rule == "model_or_cap" else self.n_latents
 
     def token_ids(self, tokenizer) -> dict[str, int | None]:
         """Resolve start/end/pad ids in `tokenizer`; a missing token is a clear error."""
@@ -64,6 +97,30 @@ class LatentSpec:
                 raise ValueError(f"{where}: tokenizer has no {role.replace('_', ' ')} {name!r} "
                                  f"needed by method {self.method!r}")
         return out
+
+    def resolve(self, tokenizer, config: dict | None = None) -> tuple["LatentSpec", SpecIds]:
+        """Ids from `tokenizer`, checked against config.json ids; head settings from config."""
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        ids = self.token_ids(tokenizer)
+        config = config or {}
+        for role, key in CONFIG_ID_KEYS.get(self.method, {}).items():
+            if key in config and ids[role] is not None and int(config[key]) != ids[role]:
+                raise ValueError(f"{where}: tokenizer/config mismatch: config.json {key}={config[key]} "
+                                 f"but the tokenizer maps {getattr(self, role)!r} to {ids[role]}")
+        spec = self
+        if "lvr_head" in config and self.method == "lvr":
+            spec = replace(spec, head="lvr_head" if config["lvr_head"] else None)
+        eos = {tokenizer.eos_token_id, *_as_list(config.get("eos_token_id")),
+               *_as_list(config.get("text_config", {}).get("eos_token_id"))}
+        image = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        return spec, SpecIds(ids["start_token"], ids["end_token"], ids["pad_token"],
+                             tuple(sorted(i for i in eos if i is not None)), image)
+
+    def format_question(self, question: str, options: list[str] | None = None) -> str:
+        """User text: question, lettered options one per line, then the method's suffix."""
+        lines = [question]
+        lines += [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options or [])]
+        return "\n".join(lines) + self.user_suffix
 
     def with_overrides(self, **kw) -> "LatentSpec":
         return replace(self, **kw)
@@ -95,27 +152,39 @@ class LatentSpec:
             raise ValueError(f"{path}: invalid latent spec ({exc})") from exc
 
 
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 MONET_SYSTEM = ("You are a helpful multimodal assistant. You are required to answer the question "
                 "based on the image provided. Put your final answer in \\boxed{}.")
+LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 PRESETS: dict[str, LatentSpec] = {
+    # Monet-7B as its vLLM runner decodes: the first latent overwrites the start-token slot.
     "monet": LatentSpec("monet", "<abs_vis_token>", "</abs_vis_token>", None, "overwrite_start",
                         n_latents=10, end_rule="force_after_k", answer_format="boxed",
                         system_prompt=MONET_SYSTEM),
+    # Monet's SFT layout: start token, then K pad slots carrying the latents.
     "monet-sft": LatentSpec("monet-sft", "<abs_vis_token>", "</abs_vis_token>", "<abs_vis_token_pad>",
                             "after_start", n_latents=10, end_rule="force_after_k",
                             answer_format="boxed", system_prompt=MONET_SYSTEM),
+    # LVR `steps`: fixed quota after the start token, next token sampled; head from config.
     "lvr": LatentSpec("lvr", "<|lvr_start|>", "<|lvr_end|>", None, "after_start", n_latents=8,
                       end_rule="after_k_sample", answer_format="answer_tag",
-                      user_suffix="\nAnswer with the option's letter from the given choices directly."),
+                      user_suffix=LETTER_SUFFIX),
+    # Mirage: pads after the start token until the model samples the end token, cap 8.
     "mirage": LatentSpec("mirage", "<|latent_start|>", "<|latent_end|>", "<|latent_pad|>",
                          "after_start", n_latents=4, max_latents=8, end_rule="model_or_cap",
-                         answer_format="boxed"),
+                         answer_format="boxed", max_segments=1),
+    # CapImagine: the imagination is ordinary text between two markers.
     "capimagine": LatentSpec("capimagine", "<imagine>", "</imagine>", None, "text",
-                             answer_format="boxed", system_prompt=MONET_SYSTEM),
+                             end_rule="model_or_cap", answer_format="boxed",
+                             system_prompt=MONET_SYSTEM, max_segments=1),
     "direct": LatentSpec("direct", placement="none", answer_format="letter",
-                         user_suffix="\nAnswer with the option's letter from the given choices directly."),
+                         user_suffix=LETTER_SUFFIX),
 }
+METHODS = tuple(PRESETS)
 
 
 def preset(method: str, **overrides) -> LatentSpec:

@@ -1,0 +1,74 @@
+"""Shared fixtures: one tiny random checkpoint per session, its tokenizer, a few images.
+
+The checkpoint is the real architecture at toy size (tiny.py, size "test"), saved in the real
+folder layout, so every engine test goes through `LatentReasoner.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from latentmed.loading import LatentReasoner
+from latentmed.tiny import make_tiny_checkpoint
+from latentmed.tokenizer import load_tokenizer
+
+OPTIONS = ["red", "green", "blue", "yellow"]
+
+# Tiny models run fastest on one thread, and a shared 2-core machine makes more threads spin
+# against other jobs (measured: 40x slower under load). LATENTMED_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("LATENTMED_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """Folder of a random tiny Qwen2.5-VL checkpoint (safetensors + tokenizer + processor)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", size="test", seed=0)
+
+
+@pytest.fixture
+def ckpt_copy(ckpt, tmp_path):
+    """A private copy of the checkpoint folder that a test may damage."""
+    return shutil.copytree(ckpt, tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tok(ckpt):
+    return load_tokenizer(ckpt)
+
+
+@pytest.fixture(scope="session")
+def load(ckpt):
+    """load(method, **spec_overrides) -> LatentReasoner, cached per (method, overrides)."""
+    cache: dict = {}
+
+    def _load(method: str, **overrides) -> LatentReasoner:
+        key = (method, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = LatentReasoner.from_pretrained(ckpt, method=method, **overrides)
+        return cache[key]
+
+    return _load
+
+
+@pytest.fixture
+def fresh(ckpt):
+    """A reasoner loaded for this test only (safe to edit its weights)."""
+    return lambda method, **kw: LatentReasoner.from_pretrained(ckpt, method=method, **kw)
+
+
+def scene(colour=(220, 30, 30), size: int = 112, seed: int = 0) -> Image.Image:
+    """A grey image with one coloured square; `seed` moves the square."""
+    im = Image.new("RGB", (size, size), (200, 200, 200))
+    x = 10 + (seed * 37) % (size - 40)
+    ImageDraw.Draw(im).rectangle([x, x, x + 24, x + 24], fill=colour)
+    return im
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [scene((220, 30, 30), seed=0), scene((30, 70, 220), seed=1), scene((30, 160, 50), seed=2)]

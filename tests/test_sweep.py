@@ -1,0 +1,75 @@
+"""Shared-work sweeps give exactly what running every variant alone gives."""
+
+import pytest
+import torch
+from conftest import OPTIONS
+
+from latentmed import interventions as I
+from latentmed.sweep import naive_sweep, shared_sweep
+
+
+def variants(z: torch.Tensor) -> list:
+    return [[], I.ZeroLatent(), I.NoiseLatent(scale=2.0, mode="replace"), I.SwapLatent(source=(z.flip(0)).tolist()),
+            I.ShuffleLatents(seed=3, source=z.tolist()), I.ChangeK(k=2), I.MarkersOnly(), I.DropSegment(),
+            [I.ZeroLatent(steps=[0]), I.RecordLayers()],
+            I.BlankImage()]  # the last one edits the input: it cannot share and runs alone
+
+
+def assert_same(shared, naive):
+    assert len(shared) == len(naive)
+    for a, b in zip(shared, naive):
+        assert a.generated_ids == b.generated_ids
+        assert a.interventions == b.interventions
+        torch.testing.assert_close(a.step_option_logprobs, b.step_option_logprobs, atol=1e-4, rtol=0)
+        assert [s.slots for s in a.segments] == [s.slots for s in b.segments]
+        for sa, sb in zip(a.segments, b.segments):
+            if sa.z_in is not None:
+                torch.testing.assert_close(sa.z_in, sb.z_in, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["monet", "mirage"])
+def test_shared_sweep_equals_naive_sweep(load, images, method):
+    r = load(method)
+    p = r.build_inputs(images[0], "What colour is the square?", OPTIONS)
+    z = r.generate(p, max_new_tokens=4, force_latent=True).segments[0].z_in
+    kw = dict(max_new_tokens=12, force_latent=True)
+    shared, naive = shared_sweep(r, p, variants(z), **kw), naive_sweep(r, p, variants(z), **kw)
+    assert_same(shared, naive)
+    assert len({tuple(t.generated_ids) for t in shared}) > 1  # the variants really differ
+    assert shared[-2].segments[0].layers is not None
+
+
+def test_shared_sweep_branches_after_a_natural_trigger_and_when_sampling(fresh, images):
+    r = fresh("monet-sft", n_latents=3)
+    p = r.build_inputs(images[1], "What colour?", OPTIONS)
+    n = {"calls": 0}
+
+    def hook(module, args, out):  # the model opens the segment by itself at its 3rd token
+        n["calls"] += 1
+        out = out.clone()
+        if n["calls"] == 3:
+            out[..., r.ids.start] += 1e4
+        return out
+
+    vs = [[], I.ZeroLatent(), I.NoiseLatent(scale=1.0), I.ChangeK(k=1)]
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.95, seed=7)
+    handle = r.model.lm_head.register_forward_hook(hook)
+    try:
+        shared = shared_sweep(r, p, vs, **kw)
+        naive = []
+        for v in vs:
+            n["calls"] = 0
+            naive += naive_sweep(r, p, [v], **kw)
+    finally:
+        handle.remove()
+    assert all(t.segments and t.segments[0].start == len(t.prompt_ids) + 2 for t in shared[:3])
+    assert_same(shared, naive)
+
+
+def test_sweep_without_any_segment_returns_the_clean_run(load, images):
+    r = load("mirage")
+    p = r.build_inputs(images[2], "What colour?", OPTIONS)
+    vs = [[], I.ZeroLatent(), I.ChangeK(k=2)]
+    shared, naive = shared_sweep(r, p, vs, max_new_tokens=8), naive_sweep(r, p, vs, max_new_tokens=8)
+    assert all(t.segments == [] for t in shared)
+    assert_same(shared, naive)
