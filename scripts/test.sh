@@ -4,6 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh || exit 1
+# Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning made torch 4x slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Tests and notebook checks keep their generated files apart from the main build.
 export LATENTMED_DATA="$PWD/build/test/data" LATENTMED_MODELS="$PWD/build/test/models" \
        LATENTMED_RESULTS="$PWD/build/test/results"
