@@ -39,6 +39,8 @@ CI_TESTBED = dict(n_train=40, n_val=8, n_test=40)
 CHAPTERS = [
     Chapter("01_testbed", ci_params=dict(CI_TESTBED, n_examples=2),
             inputs=("data:testbed/manifest.json",)),
+    Chapter("02_zoo", ci_params=dict(small_run=True),
+            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
 ]
 
 
