@@ -195,3 +195,10 @@ def test_engine_generate_and_replay_agree_with_the_evaluation_forward(trained, m
         assert np.allclose(lp.numpy(), rec["logprobs"], atol=1e-4), rec["id"]
         compared += 1
     assert compared > 0 or method != "direct"
+
+
+def test_only_zoo_specs_use_the_testbed_layout():
+    from latentmed.spec import PRESETS
+
+    assert not any(layouts.is_testbed(s) for s in PRESETS.values())
+    assert all(layouts.is_testbed(zoo.SPECS[m]) for m in zoo.METHODS)

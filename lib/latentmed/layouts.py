@@ -212,19 +212,10 @@ CONVENTIONS = Conventions()
 
 
 def testbed_spec(spec, **overrides):
-    """`spec` with `overrides` and the testbed template (where `LatentSpec` has that field)."""
-    from dataclasses import fields, replace
-
-    names = {f.name for f in fields(spec)}
-    overrides = dict(overrides)
-    if "template" in names:
-        overrides["template"] = "testbed"
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"LatentSpec has no fields {sorted(unknown)}")
-    return replace(spec, **overrides)
+    """`spec` with `overrides` and the testbed template."""
+    return spec.with_overrides(template="testbed", **overrides)
 
 
 def is_testbed(spec) -> bool:
-    """Whether a spec uses this layout (its `template` field, where it exists)."""
-    return getattr(spec, "template", "testbed") == "testbed"
+    """Whether a spec uses this layout rather than a chat template."""
+    return spec.template == "testbed"

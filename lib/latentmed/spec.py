@@ -20,6 +20,9 @@ Placement = Literal["overwrite_start", "after_start", "text", "none"]
 # model_or_cap:  latents until the model samples the end token, forced at max_latents (Mirage).
 EndRule = Literal["force_after_k", "after_k_sample", "model_or_cap"]
 AnswerFormat = Literal["boxed", "answer_tag", "letter", "word"]
+# chat: the checkpoint's chat template (real models); testbed: the zoo's layout from
+# `latentmed.layouts` (options, question with its key words last, segment, key words, answer).
+Template = Literal["chat", "testbed"]
 
 SPEC_FILE = "latent_spec.json"
 LETTERS = "ABCDEFGH"
@@ -67,6 +70,7 @@ class LatentSpec:
     assistant_prefix: str = ""
     max_segments: int | None = None  # segments a run may open (None: any number, as Monet/LVR)
     option_tokens: Literal["letter", "word"] = "letter"  # what scores an option: its letter or word
+    template: Template = "chat"
 
     @property
     def has_latents(self) -> bool:
