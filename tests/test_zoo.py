@@ -161,8 +161,6 @@ def test_engine_generate_and_replay_agree_with_the_evaluation_forward(trained, m
     replay gives the same answer log-probs."""
     loading = pytest.importorskip("latentmed.loading")
     from latentmed import train
-    from latentmed.decode import Prompt
-    from latentmed.inputs import encode
     from latentmed.testbed import make_item
 
     root, _ = trained
@@ -177,11 +175,8 @@ def test_engine_generate_and_replay_agree_with_the_evaluation_forward(trained, m
     compared = 0
     for rec in recs:
         item = make_item(CFG, "test", rec["family"], 0)
-        enc = encode(r.tokenizer, r.processor, layouts.testbed_prompt(r.tokenizer, item, r.spec),
-                     [layouts.prompt_image(item, r.spec)])
-        oid = layouts.option_token_ids(r.tokenizer, item.options)
-        prompt = Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, question=item.question,
-                        options=item.options, option_ids=oid)
+        prompt = r.item_inputs(item)
+        oid = prompt.option_ids
         trace = r.generate(prompt, force_latent=spec.has_latents, option_ids=oid,
                            max_new_tokens=spec.k_target + 6 if spec.has_latents else 2)
         k = len(trace.segments[0].slots) if trace.segments else 0
@@ -202,3 +197,13 @@ def test_only_zoo_specs_use_the_testbed_layout():
 
     assert not any(layouts.is_testbed(s) for s in PRESETS.values())
     assert all(layouts.is_testbed(zoo.SPECS[m]) for m in zoo.METHODS)
+
+
+def test_item_inputs_refuses_chat_models(tmp_path):
+    from latentmed.loading import LatentReasoner
+    from latentmed.testbed import make_item
+    from latentmed.tiny import make_tiny_checkpoint
+
+    r = LatentReasoner.from_pretrained(make_tiny_checkpoint(tmp_path / "ck"), method="lvr")
+    with pytest.raises(ValueError, match="chat template"):
+        r.item_inputs(make_item(CFG, "test", "attr", 0))

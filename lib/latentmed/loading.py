@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from . import answers
+from . import answers, layouts
 from .decode import DecodeConfig, Prompt, generate
 from .inputs import IMAGE_PAD, chat_prompt, encode
 from .interventions import Item, apply_item_edits, as_interventions, by_point
@@ -261,6 +261,15 @@ class LatentReasoner:
         opt_ids = self.option_ids(item.options) if item.options else None
         return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text,
                       question=item.question, options=item.options, option_ids=opt_ids)
+
+    def item_inputs(self, item) -> Prompt:
+        """Prompt for a testbed item in the zoo's layout (models whose spec.template is "testbed")."""
+        if not layouts.is_testbed(self.spec):
+            raise ValueError(f"method {self.spec.method!r} uses the chat template; use build_inputs")
+        text = layouts.testbed_prompt(self.tokenizer, item, self.spec)
+        enc = encode(self.tokenizer, self.processor, text, [layouts.prompt_image(item, self.spec)])
+        return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, question=item.question,
+                      options=item.options, option_ids=layouts.option_token_ids(self.tokenizer, item.options))
 
     # ---- runs ----
     def generate(self, inputs, interventions=(), config: DecodeConfig | None = None, **kw):
