@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentmed import layouts, train
+from latentmed import layouts, loop, sft, train
 from latentmed.testbed import TestbedConfig, make_item
 from latentmed.tiny import save_checkpoint, tiny_config, tiny_model
 from latentmed.tokenizer import build_tokenizer
@@ -37,7 +37,7 @@ def fresh(tok, seed=0):
 
 
 def quick(name, steps, **kw):
-    return train.StageConfig(name, steps, batch_size=8, lr=3e-3, warmup=2, eval_every=10**6, save_every=kw.pop(
+    return loop.StageConfig(name, steps, batch_size=8, lr=3e-3, warmup=2, eval_every=10**6, save_every=kw.pop(
         "save_every", 10**6), keep_best=False, **kw)
 
 
@@ -102,7 +102,7 @@ def test_resume_after_a_kill_gives_the_same_model_as_an_uninterrupted_run(tok, b
     a = fresh(tok)
     train.train_stage(a, tok, plan, bank, None, cfg, tmp_path / "a", progress=False)
     b = fresh(tok)
-    with pytest.raises(train.SimulatedKill):
+    with pytest.raises(loop.SimulatedKill):
         train.train_stage(b, tok, plan, bank, None, cfg, tmp_path / "b", progress=False, stop_after=3)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 2
     c = fresh(tok)  # a new process from the same base: its language model is replaced by the saved state
@@ -142,7 +142,7 @@ def test_predict_runs_every_kind_of_segment_without_nan(tok, bank):
 
 def test_vision_stage_learns_cell_labels_and_rescale_sets_the_token_norm(tok, tmp_path):
     model = tiny_model(tiny_config(tok, "test"), seed=0)
-    cfg = train.StageConfig("vision", 30, batch_size=4, lr=3e-3, warmup=3, eval_every=10**6, save_every=10**6,
+    cfg = loop.StageConfig("vision", 30, batch_size=4, lr=3e-3, warmup=3, eval_every=10**6, save_every=10**6,
                             keep_best=False)
     _, summary = train.vision_stage(model, CFG, cfg, tmp_path, progress=False)
     assert set(summary["cell_accuracy"]) == {"colour", "shape", "digit", "row", "col"}
@@ -250,7 +250,7 @@ def test_hf_trainer_sft_with_lora_runs_on_the_tiny_model(tiny_ckpt, tmp_path):
     items = [make_item(CFG, "train", f, i) for f in CFG.families for i in range(2)]
     path, gt = captioner.testbed_interleaved(items, tmp_path / "data")
     captioner.convert_file(path, tmp_path / "data" / "cap.json", gt)
-    m = train.sft(tiny_ckpt, tmp_path / "data" / "cap.json", tmp_path / "out", lora=True, max_steps=3, lr=1e-3,
+    m = sft.sft(tiny_ckpt, tmp_path / "data" / "cap.json", tmp_path / "out", lora=True, max_steps=3, lr=1e-3,
                   batch_size=2, report=False)
     assert len(m["losses"]) == 3 and all(np.isfinite(m["losses"]))
     from latentmed.train import check_checkpoint
@@ -272,7 +272,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_ckpt, tmp_path):
     exe = shutil.which("accelerate", path=str(__import__("pathlib").Path(sys.executable).parent))
     # without a GPU, accelerate's multi-process launcher (torchrun) gives each process gloo
     cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "latentmed.train", "sft", "--model", str(tiny_ckpt), "--data",
+           "--dynamo_backend", "no", "-m", "latentmed.sft", "--model", str(tiny_ckpt), "--data",
            str(tmp_path / "data" / "cap.json"), "--out", str(tmp_path / "out"), "--max-steps", "2", "--lr", "1e-3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))

@@ -18,19 +18,13 @@ index), so training can also draw items on the fly. Datasets on disk live in `da
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from . import scenes
-from .paths import ensure_writable
 from .scenes import CELL, COLOUR_NAMES, SHAPES, SceneObject
 
 FAMILIES: tuple[str, ...] = ("attr", "relpos", "count", "glyph")

@@ -17,9 +17,7 @@ computed once per item (`FeatureBank`) and training runs the language model only
 segment is run as a differentiable loop over an explicit KV cache, feeding the final post-norm
 hidden state of the previous position back as the next input embedding.
 
-Stages are resumable: every `save_every` steps the model (safetensors), the optimizer's tensors
-(safetensors) and the scalars and generator state (json) are written; a killed run restarts
-from there and ends with the same weights as an uninterrupted one. Learning curves go to CSV.
+Stages run in the resumable loop of `latentmed.loop`; the 7B SFT path is `latentmed.sft`.
 """
 
 from __future__ import annotations
@@ -30,22 +28,20 @@ import os
 # 32 images took 4.3 s with the default policy next to another job, 0.86 s with PASSIVE).
 # Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import csv
 import hashlib
 import json
-import math
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import DynamicCache
 
 from . import layouts
+from .loop import StageConfig, _atomic_save, run_loop
 from .spec import LatentSpec
 from .testbed import FAMILIES, TestbedConfig, cell_labels, make_item, make_scene
 from .tiny import image_processor
@@ -789,171 +785,6 @@ def accuracy_by_family(records: list[dict]) -> dict[str, float]:
     return out
 
 
-# ---------------------------------------------------------------- the resumable loop
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Optimisation settings of one stage (all recorded in the checkpoint's zoo.json)."""
-
-    name: str
-    steps: int
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup: int = 30
-    decay_start: float = 0.6  # fraction of the steps after which the lr decays (cosine) ...
-    min_lr_frac: float = 0.05  # ... down to this fraction of lr
-    eval_every: int = 100
-    save_every: int = 100
-    keep_best: bool = True  # end with the weights that scored best on validation
-    seed: int = 0
-    grad_clip: float = 1.0
-
-
-def lr_at(cfg: StageConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    start = int(cfg.decay_start * cfg.steps)
-    if step < start or cfg.steps <= start:
-        return cfg.lr
-    frac = (step - start) / max(1, cfg.steps - start)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-class SimulatedKill(RuntimeError):
-    """Raised by `run_loop(stop_after=...)` to test resuming."""
-
-
-CURVE_FIELDS = ["stage", "step", "loss", "ce", "attn", "hop", "align", "lr", "seconds",
-                "val_attr", "val_relpos", "val_count", "val_glyph", "val_all"]
-
-
-def _module_state(modules: dict) -> dict:
-    return {f"{name}::{k}": v.detach().clone().contiguous() for name, m in modules.items()
-            for k, v in m.state_dict().items()}
-
-
-def _load_module_state(modules: dict, state: dict) -> None:
-    for name, m in modules.items():
-        prefix = f"{name}::"
-        m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-
-
-def _save_optimizer(opt, path: Path) -> None:
-    """AdamW state as plain tensors (safetensors, no pickle)."""
-    tensors = {}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        st = opt.state.get(p)
-        if not st:
-            continue
-        for k, v in st.items():
-            tensors[f"{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone().contiguous()
-    save_file(tensors, str(path))
-
-
-def _load_optimizer(opt, path: Path) -> None:
-    tensors = load_file(str(path))
-    params = opt.param_groups[0]["params"]
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        opt.state[params[int(i)]][k] = v
-
-
-def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def run_loop(modules: dict, params: list, step_fn, cfg: StageConfig, run_dir: Path, eval_fn=None,
-             progress: bool = True, stop_after: int | None = None) -> dict:
-    """Optimise `params` with AdamW for `cfg.steps` steps, resumable from `run_dir`.
-
-    `step_fn(step, generator) -> (loss, scalars)`; `eval_fn() -> (score, per_family)` is run
-    every `eval_every` steps and at the end (keep-best uses its score).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    state_file, curve_file = run_dir / "state.json", run_dir / "curves.csv"
-    step0, best, best_step, elapsed0 = 0, -1.0, -1, 0.0
-    if state_file.exists():  # resume
-        st = json.loads(state_file.read_text())
-        _load_module_state(modules, load_file(str(run_dir / "weights.safetensors")))
-        _load_optimizer(opt, run_dir / "optimizer.safetensors")
-        gen.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
-        step0, best, best_step, elapsed0 = st["step"], st["best"], st["best_step"], st["seconds"]
-        rows = list(csv.DictReader(curve_file.open())) if curve_file.exists() else []
-        rows = [r for r in rows if int(r["step"]) <= step0]
-        _write_curves(curve_file, rows)
-    else:
-        _write_curves(curve_file, [])
-    best_state = load_file(str(run_dir / "best.safetensors")) if (run_dir / "best.safetensors").exists() else None
-    t0 = time.perf_counter() - elapsed0
-    bar = tqdm(range(step0, cfg.steps), desc=cfg.name, disable=not progress, leave=False, mininterval=2)
-    last_eval = None
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        loss, scalars = step_fn(step, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        row = dict(stage=cfg.name, step=step + 1, loss=round(float(loss.detach()), 5), lr=round(lr_at(cfg, step), 7),
-                   seconds=round(time.perf_counter() - t0, 2), **{k: round(float(v), 5) for k, v in scalars.items()})
-        last = step + 1 == cfg.steps
-        if eval_fn is not None and ((step + 1) % cfg.eval_every == 0 or last):
-            score, per_family = eval_fn()
-            last_eval = per_family
-            row.update({f"val_{k}": round(v, 4) for k, v in per_family.items()})
-            if score > best:
-                best, best_step = score, step + 1
-                best_state = _module_state(modules)
-                _atomic_save(best_state, run_dir / "best.safetensors")
-            bar.set_postfix(val=round(score, 3))
-        _append_curve(curve_file, row)
-        if (step + 1) % cfg.save_every == 0 or last:
-            _atomic_save(_module_state(modules), run_dir / "weights.safetensors")
-            _save_optimizer(opt, run_dir / "optimizer.safetensors.tmp")
-            os.replace(run_dir / "optimizer.safetensors.tmp", run_dir / "optimizer.safetensors")
-            st = dict(step=step + 1, best=best, best_step=best_step, seed=cfg.seed,
-                      seconds=round(time.perf_counter() - t0, 3), generator=gen.get_state().tolist(),
-                      config=asdict(cfg))
-            tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(st))
-            os.replace(tmp, state_file)
-        if stop_after is not None and step + 1 >= stop_after and not last:
-            raise SimulatedKill(f"stopped after step {step + 1}")
-    bar.close()
-    if cfg.keep_best and best_state is not None:
-        _load_module_state(modules, best_state)
-    seconds = time.perf_counter() - t0
-    return dict(stage=cfg.name, steps=cfg.steps, seconds=round(seconds, 1), best_val=round(best, 4),
-                best_step=best_step, last_val=last_eval)
-
-
-def _write_curves(path: Path, rows: list) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _append_curve(path: Path, row: dict) -> None:
-    with path.open("a", newline="") as f:
-        csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore").writerow(row)
-
-
-def read_curves(folder: str | Path):
-    """All stages' learning curves of a checkpoint folder as one DataFrame."""
-    import pandas as pd
-
-    path = Path(folder) / "curves.csv"
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=CURVE_FIELDS)
-
-
 # ---------------------------------------------------------------- vision stage
 
 def vision_stage(model, config: TestbedConfig, cfg: StageConfig, run_dir: Path, progress: bool = True,
@@ -1141,156 +972,3 @@ def alignment_loss(model, tok, plan, batch, out, bank, idx, stats, grid, teacher
     if plan.align == "monet_latent_cos":  # Monet stage 3: latents -> stage-2 model's latents
         return cosine_loss(out.z_in, t_out.z_in)
     raise ValueError(f"unknown alignment {plan.align!r}")
-
-
-# ---------------------------------------------------------------- 7B path: CapImagine SFT
-
-def sft_examples(samples: list[dict], tok, processor, image_root: str | Path) -> list[dict]:
-    """Chat samples (CapImagine format, see `latentmed.captioner`) -> tokenised examples.
-
-    The user turn (images + text) is the prompt; the loss covers the assistant's text only (its
-    imagination and answer) and the end-of-turn token.
-    """
-    from PIL import Image
-
-    from .inputs import encode
-
-    image_root = Path(image_root)
-    out = []
-    for i, s in enumerate(samples):
-        msgs, images = [], []
-        for turn in s["data"]:
-            content = []
-            for item in turn["content"]:
-                if item.get("type") == "image":
-                    ref = item.get("image") or item.get("image_url") or item.get("path")
-                    try:
-                        images.append(Image.open(image_root / ref).convert("RGB"))
-                    except (FileNotFoundError, OSError) as exc:
-                        raise ValueError(f"sample {i}: cannot read image {image_root / ref} ({exc})") from exc
-                    content.append({"type": "image"})
-                else:
-                    content.append({"type": "text", "text": item["text"]})
-            msgs.append({"role": turn["role"], "content": content})
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise ValueError(f"sample {i}: the last turn must be the assistant's")
-        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(msgs, tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError(f"sample {i}: chat template does not extend the prompt")
-        enc = encode(tok, processor, full.rstrip("\n"), images)
-        n_prompt = encode(tok, processor, prompt, images).input_ids.shape[1]
-        ids = enc.input_ids[0]
-        labels = ids.clone()
-        labels[:n_prompt] = -100
-        out.append(dict(input_ids=ids, labels=labels, pixel_values=enc.pixel_values,
-                        image_grid_thw=enc.image_grid_thw))
-    return out
-
-
-class SFTCollator:
-    """Right-pads ids/labels, concatenates images; adds the attention mask and token types."""
-
-    def __init__(self, pad_id: int, image_id: int):
-        self.pad_id, self.image_id = pad_id, image_id
-
-    def __call__(self, feats: list[dict]) -> dict:
-        L = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), L), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(feats), L), -100, dtype=torch.long)
-        mask = torch.zeros((len(feats), L), dtype=torch.long)
-        for b, f in enumerate(feats):
-            n = len(f["input_ids"])
-            ids[b, :n], labels[b, :n], mask[b, :n] = f["input_ids"], f["labels"], 1
-        batch = dict(input_ids=ids, labels=labels, attention_mask=mask, mm_token_type_ids=(ids == self.image_id).int())
-        pix = [f["pixel_values"] for f in feats if f["pixel_values"] is not None]
-        if pix:
-            batch["pixel_values"] = torch.cat(pix)
-            batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in feats if f["image_grid_thw"] is not None])
-        return batch
-
-
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
-        lora: bool = False, lora_r: int = 16, lora_alpha: int = 32, max_steps: int = -1, epochs: float = 1.0,
-        lr: float = 1e-5, batch_size: int = 1, grad_accum: int = 1, bf16: bool = False, seed: int = 0,
-        freeze_vision: bool = True, save: bool = True, report: bool = True) -> dict:
-    """Supervised fine-tuning of a Qwen2.5-VL checkpoint on CapImagine-format data (HF Trainer).
-
-    The same function runs a tiny model on CPU and a 7B model on GPUs: launched plainly it
-    trains on one device (`lora=True` for one GPU), launched with `accelerate launch` (e.g.
-    configs/accelerate/fsdp.yaml) it trains data-parallel/FSDP. Returns the trainer's metrics.
-    """
-    from transformers import Qwen2_5_VLForConditionalGeneration, Trainer, TrainingArguments
-
-    from .captioner import load_interleaved
-    from .tokenizer import load_tokenizer
-
-    model_path, data = Path(model_path), Path(data)
-    tok = load_tokenizer(model_path)
-    processor = image_processor()
-    examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(model_path), use_safetensors=True, local_files_only=True,
-        dtype=torch.bfloat16 if bf16 else torch.float32)
-    check_tokenizer_matches(model, tok, model_path)
-    if freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=grad_accum, learning_rate=lr, max_steps=max_steps,
-                             num_train_epochs=epochs, logging_steps=1, save_strategy="no", report_to=[],
-                             bf16=bf16, seed=seed, data_seed=seed, remove_unused_columns=False,
-                             dataloader_num_workers=0, disable_tqdm=not report, use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=examples,
-                      data_collator=SFTCollator(tok.pad_token_id, model.config.image_token_id
-                                                if not lora else model.base_model.model.config.image_token_id))
-    result = trainer.train()
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    metrics = dict(result.metrics, world_size=trainer.args.world_size,
-                   backend=str(torch.distributed.get_backend()) if dist else None,
-                   losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
-    if save and trainer.is_world_process_zero():
-        out_dir = Path(out_dir)
-        (model.merge_and_unload() if lora else model).save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m latentmed.train", description="training entry points")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sft", help="CapImagine SFT of a Qwen2.5-VL checkpoint (HF Trainer; LoRA; accelerate)")
-    s.add_argument("--model", required=True, help="checkpoint folder (tiny or 7B)")
-    s.add_argument("--data", required=True, help="CapImagine-format JSON (latentmed.captioner)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--image-root", default=None)
-    s.add_argument("--lora", action="store_true", help="LoRA on the language model's projections (peft)")
-    s.add_argument("--max-steps", type=int, default=-1)
-    s.add_argument("--epochs", type=float, default=1.0)
-    s.add_argument("--lr", type=float, default=1e-5)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--bf16", action="store_true")
-    s.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.cmd == "sft":
-        m = sft(a.model, a.data, a.out, a.image_root, a.lora, max_steps=a.max_steps, epochs=a.epochs, lr=a.lr,
-                batch_size=a.batch_size, grad_accum=a.grad_accum, bf16=a.bf16, seed=a.seed)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({k: v for k, v in m.items() if k != "losses"}))
-
-
-if __name__ == "__main__":
-    main()

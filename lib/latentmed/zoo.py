@@ -47,7 +47,8 @@ from . import layouts
 from .paths import data_dir, models_dir
 from .spec import LatentSpec, preset
 from .testbed import TestbedConfig
-from .train import (FeatureBank, Plan, StageConfig, build_bank, check_checkpoint, freeze_and_rescale_tower,
+from .loop import StageConfig
+from .train import (FeatureBank, Plan, build_bank, check_checkpoint, freeze_and_rescale_tower,
                     load_model, reinit_language_model, settings_hash, set_threads, train_stage, vision_stage)
 
 BASE = "base"

@@ -1,0 +1,166 @@
+"""The 7B path: CapImagine-style SFT of a Qwen2.5-VL checkpoint with the HF Trainer.
+
+One device (`--lora` for one GPU, peft) or many through `accelerate launch --config_file
+configs/accelerate/fsdp.yaml -m latentmed.sft ...`; tested on a tiny model with two CPU
+processes. The data is the CapImagine-format JSON that `latentmed.captioner` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .tiny import image_processor
+from .train import check_tokenizer_matches
+
+
+def sft_examples(samples: list[dict], tok, processor, image_root: str | Path) -> list[dict]:
+    """Chat samples (CapImagine format, see `latentmed.captioner`) -> tokenised examples.
+
+    The user turn (images + text) is the prompt; the loss covers the assistant's text only (its
+    imagination and answer) and the end-of-turn token.
+    """
+    from PIL import Image
+
+    from .inputs import encode
+
+    image_root = Path(image_root)
+    out = []
+    for i, s in enumerate(samples):
+        msgs, images = [], []
+        for turn in s["data"]:
+            content = []
+            for item in turn["content"]:
+                if item.get("type") == "image":
+                    ref = item.get("image") or item.get("image_url") or item.get("path")
+                    try:
+                        images.append(Image.open(image_root / ref).convert("RGB"))
+                    except (FileNotFoundError, OSError) as exc:
+                        raise ValueError(f"sample {i}: cannot read image {image_root / ref} ({exc})") from exc
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": item["text"]})
+            msgs.append({"role": turn["role"], "content": content})
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"sample {i}: the last turn must be the assistant's")
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"sample {i}: chat template does not extend the prompt")
+        enc = encode(tok, processor, full.rstrip("\n"), images)
+        n_prompt = encode(tok, processor, prompt, images).input_ids.shape[1]
+        ids = enc.input_ids[0]
+        labels = ids.clone()
+        labels[:n_prompt] = -100
+        out.append(dict(input_ids=ids, labels=labels, pixel_values=enc.pixel_values,
+                        image_grid_thw=enc.image_grid_thw))
+    return out
+
+
+class SFTCollator:
+    """Right-pads ids/labels, concatenates images; adds the attention mask and token types."""
+
+    def __init__(self, pad_id: int, image_id: int):
+        self.pad_id, self.image_id = pad_id, image_id
+
+    def __call__(self, feats: list[dict]) -> dict:
+        L = max(len(f["input_ids"]) for f in feats)
+        ids = torch.full((len(feats), L), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(feats), L), -100, dtype=torch.long)
+        mask = torch.zeros((len(feats), L), dtype=torch.long)
+        for b, f in enumerate(feats):
+            n = len(f["input_ids"])
+            ids[b, :n], labels[b, :n], mask[b, :n] = f["input_ids"], f["labels"], 1
+        batch = dict(input_ids=ids, labels=labels, attention_mask=mask, mm_token_type_ids=(ids == self.image_id).int())
+        pix = [f["pixel_values"] for f in feats if f["pixel_values"] is not None]
+        if pix:
+            batch["pixel_values"] = torch.cat(pix)
+            batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in feats if f["image_grid_thw"] is not None])
+        return batch
+
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
+        lora: bool = False, lora_r: int = 16, lora_alpha: int = 32, max_steps: int = -1, epochs: float = 1.0,
+        lr: float = 1e-5, batch_size: int = 1, grad_accum: int = 1, bf16: bool = False, seed: int = 0,
+        freeze_vision: bool = True, save: bool = True, report: bool = True) -> dict:
+    """Supervised fine-tuning of a Qwen2.5-VL checkpoint on CapImagine-format data (HF Trainer).
+
+    The same function runs a tiny model on CPU and a 7B model on GPUs: launched plainly it
+    trains on one device (`lora=True` for one GPU), launched with `accelerate launch` (e.g.
+    configs/accelerate/fsdp.yaml) it trains data-parallel/FSDP. Returns the trainer's metrics.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration, Trainer, TrainingArguments
+
+    from .captioner import load_interleaved
+    from .tokenizer import load_tokenizer
+
+    model_path, data = Path(model_path), Path(data)
+    tok = load_tokenizer(model_path)
+    processor = image_processor()
+    examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(model_path), use_safetensors=True, local_files_only=True,
+        dtype=torch.bfloat16 if bf16 else torch.float32)
+    check_tokenizer_matches(model, tok, model_path)
+    if freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=grad_accum, learning_rate=lr, max_steps=max_steps,
+                             num_train_epochs=epochs, logging_steps=1, save_strategy="no", report_to=[],
+                             bf16=bf16, seed=seed, data_seed=seed, remove_unused_columns=False,
+                             dataloader_num_workers=0, disable_tqdm=not report, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=SFTCollator(tok.pad_token_id, model.config.image_token_id
+                                                if not lora else model.base_model.model.config.image_token_id))
+    result = trainer.train()
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    metrics = dict(result.metrics, world_size=trainer.args.world_size,
+                   backend=str(torch.distributed.get_backend()) if dist else None,
+                   losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
+    if save and trainer.is_world_process_zero():
+        out_dir = Path(out_dir)
+        (model.merge_and_unload() if lora else model).save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    s = argparse.ArgumentParser(prog="python -m latentmed.sft",
+                                description="CapImagine SFT of a Qwen2.5-VL checkpoint (HF Trainer; LoRA; accelerate)")
+    s.add_argument("--model", required=True, help="checkpoint folder (tiny or 7B)")
+    s.add_argument("--data", required=True, help="CapImagine-format JSON (latentmed.captioner)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--image-root", default=None)
+    s.add_argument("--lora", action="store_true", help="LoRA on the language model's projections (peft)")
+    s.add_argument("--max-steps", type=int, default=-1)
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--lr", type=float, default=1e-5)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--bf16", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    a = s.parse_args(argv)
+    m = sft(a.model, a.data, a.out, a.image_root, a.lora, max_steps=a.max_steps, epochs=a.epochs, lr=a.lr,
+            batch_size=a.batch_size, grad_accum=a.grad_accum, bf16=a.bf16, seed=a.seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in m.items() if k != "losses"}))
+
+
+if __name__ == "__main__":
+    main()
