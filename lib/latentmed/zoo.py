@@ -266,10 +266,7 @@ class Zoo:
         h = settings_hash(s)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
-        if force and folder.exists():
-            shutil.rmtree(folder)
-        set_threads()
-        t0 = time.perf_counter()
+        t0 = _start(folder, force)
         tok = build_tokenizer()
         layers = BUDGETS[self.budget].get("llm_layers")
         model = tiny_model(tiny_config(tok, self.model_size, **({"num_hidden_layers": layers} if layers else {})),
@@ -311,10 +308,7 @@ class Zoo:
         h = settings_hash(s)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
-        if force and folder.exists():
-            shutil.rmtree(folder)
-        set_threads()
-        t0 = time.perf_counter()
+        t0 = _start(folder, force)
         model, tok, _ = load_model(base_folder)
         spec = SPECS[name]
         spec.token_ids(tok)  # a base whose tokenizer lacks the method's tokens fails here, naming it
@@ -352,6 +346,14 @@ class Zoo:
         _finish(folder, model, tok, spec, info, constant)
         shutil.rmtree(runs, ignore_errors=True)
         return info
+
+
+def _start(folder: Path, force: bool) -> float:
+    """Clear a folder that is retrained by force, pin the thread count, start the clock."""
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    set_threads()
+    return time.perf_counter()
 
 
 def train_zoo(root: str | Path | None = None, budget: str = "default", methods=None, seed: int = 0,
