@@ -156,12 +156,8 @@ class ExtremeLatent(LatentFeed):
 
 
 @dataclass
-class MeanLatent(LatentFeed):
-    """Feed the mean latent (see `mean_latent`), the paper's 'Z = mean'."""
-    vector: list[float] = field(default_factory=list)
-
-    def apply(self, z, ctx):
-        return _vec(self.vector, z)
+class MeanLatent(FixedLatent):
+    """Feed the mean latent (see `mean_latent`), the paper's 'Z = mean': a FixedLatent by name."""
 
 
 @dataclass

@@ -48,6 +48,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import answers
+
 LETTERS = "ABCD"
 IMAGE_SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
 CONSTANT_FILE = "latent_constant.safetensors"  # negative control's latents, key "latent" [K, H]
@@ -153,11 +155,10 @@ def training_text(tokenizer, item, spec, n_latents: int | None = None, with_crop
 
 def option_token_ids(tokenizer, options) -> list[int]:
     """Ids of ' o1' .. ' o4' (what multiple choice is scored over)."""
-    ids = [tokenizer.encode(answer_text(w), add_special_tokens=False) for w in options]
-    bad = [w for w, i in zip(options, ids) if len(i) != 1]
+    bad = [w for w in options if len(tokenizer.encode(answer_text(w), add_special_tokens=False)) != 1]
     if bad:
         raise ValueError(f"options {bad} are not single tokens in this tokenizer")
-    return [i[0] for i in ids]
+    return answers.option_token_ids(tokenizer, list(options), leading_space=True)
 
 
 def latent_source(spec) -> str:
