@@ -26,11 +26,11 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
-from latentmed import interventions as I
-from latentmed.loading import LatentReasoner
+from latentmed.engine import interventions as I
+from latentmed.engine.reasoner import LatentReasoner
 from latentmed.paths import ROOT
-from latentmed.sweep import naive_sweep, shared_sweep
-from latentmed.tiny import make_tiny_checkpoint
+from latentmed.engine.sweep import naive_sweep, shared_sweep
+from latentmed.engine.tiny import make_tiny_checkpoint
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 

@@ -11,11 +11,11 @@ import shutil
 
 import pytest
 import torch
+from latentmed.engine.reasoner import LatentReasoner
+from latentmed.engine.tiny import make_tiny_checkpoint
+from latentmed.engine.tokenizer import load_tokenizer
+from latentmed.testbed import VOCABULARY
 from PIL import Image, ImageDraw
-
-from latentmed.loading import LatentReasoner
-from latentmed.tiny import make_tiny_checkpoint
-from latentmed.tokenizer import load_tokenizer
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 
@@ -27,7 +27,7 @@ torch.set_num_threads(int(os.environ.get("LATENTMED_TEST_THREADS", "1")))
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """Folder of a random tiny Qwen2.5-VL checkpoint (safetensors + tokenizer + processor)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", size="test", seed=0)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", size="test", seed=0, words=VOCABULARY)
 
 
 @pytest.fixture

@@ -2,9 +2,18 @@
 
 import pytest
 import torch
-
-from latentmed.answers import (Parsed, extract_answer_tag, extract_boxed, extract_letter, margins,
-                               match_option, option_logprobs, option_token_ids, parse_answer, score_options)
+from latentmed.engine.answers import (
+    Parsed,
+    extract_answer_tag,
+    extract_boxed,
+    extract_letter,
+    margins,
+    match_option,
+    option_logprobs,
+    option_token_ids,
+    parse_answer,
+    score_options,
+)
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 

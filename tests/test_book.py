@@ -5,7 +5,6 @@ import json
 import nbformat
 import pytest
 import yaml
-
 from latentmed import book
 from latentmed.cli import main as cli_main
 from latentmed.paths import ROOT

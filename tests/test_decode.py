@@ -4,11 +4,10 @@ placement, end rules, LVR head, batching, sampling, stopping, NaN flags, replay,
 import pytest
 import torch
 from conftest import OPTIONS
+from latentmed.engine.checkpoint import LVRHead
+from latentmed.engine.interventions import ChangeK, FixedLatent
+from latentmed.engine.trace import Trace, trigger_rate
 from transformers import DynamicCache
-
-from latentmed.interventions import ChangeK, FixedLatent
-from latentmed.loading import LVRHead
-from latentmed.trace import Trace, trigger_rate
 
 
 def bias_hook(reasoner, token_id: int, calls: set[int] | None = None, value: float = 1e4):
@@ -139,7 +138,7 @@ def add_lvr_head(folder, seed=0):
 
 @pytest.mark.parametrize("on_first", [False, True])
 def test_lvr_head_is_applied_where_the_spec_says(ckpt_copy, images, on_first):
-    from latentmed.loading import LatentReasoner
+    from latentmed.engine.reasoner import LatentReasoner
     head = add_lvr_head(ckpt_copy)
     r = LatentReasoner.from_pretrained(ckpt_copy, method="lvr", n_latents=4, head_on_first=on_first)
     assert r.spec.head == "lvr_head" and r.load_report["unexpected"] == []

@@ -7,10 +7,9 @@ import json
 import re
 
 import pytest
-
-from latentmed import exports as E
-from latentmed.dataset import generate
 from latentmed.testbed import TestbedConfig
+from latentmed.testbed import exports as E
+from latentmed.testbed.dataset import generate
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,28 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
 from latentmed import paths
-from latentmed.inputs import chat_prompt, encode, n_image_tokens
-from latentmed.tiny import image_processor, make_tiny_checkpoint, tiny_config, tiny_model
-from latentmed.scenes import COLOUR_NAMES, SHAPES
-from latentmed.testbed import NUMBER_WORDS, RELATIONS
-from latentmed.tokenizer import METHOD_TOKENS, QWEN_SPECIAL, build_tokenizer, load_tokenizer
+from latentmed.engine.inputs import chat_prompt, encode, n_image_tokens
+from latentmed.engine.tiny import (
+    image_processor,
+    make_tiny_checkpoint,
+    tiny_config,
+    tiny_model,
+)
+from latentmed.engine.tokenizer import (
+    METHOD_TOKENS,
+    QWEN_SPECIAL,
+    build_tokenizer,
+    load_tokenizer,
+)
+from latentmed.testbed import NUMBER_WORDS, RELATIONS, VOCABULARY
+from latentmed.testbed.scenes import COLOUR_NAMES, SHAPES
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer()
+    return build_tokenizer(VOCABULARY)
 
 
 def test_special_tokens_follow_the_bpe_vocabulary_in_qwen_order(tok):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import OPTIONS
-
-from latentmed import interventions as I
+from latentmed.engine import interventions as I
+from latentmed.engine.query import Query
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,10 @@ def test_swap_fixed_mean_extreme_and_steps(setup):
         run(setup, I.FixedLatent(vector=[1.0, 2.0]))
 
 
-def test_shuffle_uses_a_seeded_permutation_of_the_source(setup):
+def test_shuffle_uses_a_seeded_derangement_of_the_source(setup):
     z = setup[2].segments[0].z_in
     iv = I.ShuffleLatents(seed=5, source=z.tolist())
+    assert all(o != i for i, o in enumerate(iv.order(4)))
     assert torch.equal(run(setup, iv).segments[0].z_in, z[iv.order(4)])
     with pytest.raises(ValueError, match="needs `source`"):
         run(setup, I.ShuffleLatents(seed=5))
@@ -78,51 +79,92 @@ def test_segment_control_changes_k_drops_or_keeps_markers(setup):
     assert run(setup, I.DropSegment()).segments == []
 
 
-def test_input_edits_act_on_the_item(load, images, tmp_path):
+def test_input_edits_act_on_the_query(load, images, tmp_path):
     r = load("monet-sft", n_latents=4)
-    item = I.Item([images[0]], "What colour?", OPTIONS)
-    blank = I.BlankImage().edit_item(item).images[0]
+    q = Query(images=[images[0]], question="What colour?", options=OPTIONS, answer=1,
+              evidence_boxes=[[20, 20, 40, 40]])
+    blank = I.BlankImage().edit_query(q).images[0]
     assert blank.size == images[0].size and blank.getcolors() == [(112 * 112, (128, 128, 128))]
-    masked = I.MaskPatches(boxes=[[0, 0, 0.5, 0.5]], colour=(0, 0, 0)).edit_item(item).images[0]
+    masked = I.MaskPatches(boxes=[[0, 0, 0.5, 0.5]], colour=(0, 0, 0)).edit_query(q).images[0]
     assert masked.getpixel((10, 10)) == (0, 0, 0) and masked.getpixel((100, 100)) == images[0].getpixel((100, 100))
-    n1, n2 = (I.NoiseImage(seed=1).edit_item(item).images[0] for _ in range(2))
+    ev = I.MaskEvidence(pad=0, colour=(0, 0, 0)).edit_query(q).images[0]
+    assert ev.getpixel((30, 30)) == (0, 0, 0) and ev.getpixel((60, 60)) == images[0].getpixel((60, 60))
+    n1, n2 = (I.NoiseImage(seed=1).edit_query(q).images[0] for _ in range(2))
     assert np.array_equal(np.asarray(n1), np.asarray(n2)) and not np.array_equal(np.asarray(n1), np.asarray(images[0]))
-    assert I.OtherImage(image=images[1]).edit_item(item).images == [images[1]]
+    assert I.OtherImage(image=images[1]).edit_query(q).images == [images[1]]
     images[2].save(tmp_path / "other.png")
-    assert I.OtherImage(path=str(tmp_path / "other.png")).edit_item(item).images[0].size == (112, 112)
+    assert I.OtherImage(path=str(tmp_path / "other.png")).edit_query(q).images[0].size == (112, 112)
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=f"{tmp_path / 'bad.png'}: cannot read image"):
-        I.OtherImage(path=str(tmp_path / "bad.png")).edit_item(item)
+        I.OtherImage(path=str(tmp_path / "bad.png")).edit_query(q)
     shuffled = I.ShuffleOptions(seed=1)
+    order = shuffled.order(4)
+    assert sorted(order) == [0, 1, 2, 3] and all(o != i for i, o in enumerate(order))  # a derangement
+    e = shuffled.edit_query(q)
+    assert e.options == [OPTIONS[i] for i in order] and e.options[e.answer] == OPTIONS[1]
     p = r.build_inputs(images[0], "What colour?", OPTIONS, edits=[shuffled, I.SwapQuestion("Which digit?")])
-    assert p.options == [OPTIONS[i] for i in shuffled.order(4)] != OPTIONS and p.question == "Which digit?"
+    assert p.options == [OPTIONS[i] for i in order] and p.question == "Which digit?"
     assert "Which digit?" in p.text
+
+
+def test_swap_question_keeps_restated_key_words_consistent(tmp_path):
+    from latentmed import zoo
+    from latentmed.engine.reasoner import LatentReasoner
+    from latentmed.engine.tiny import make_tiny_checkpoint
+    from latentmed.testbed import VOCABULARY, TestbedConfig, make_item
+
+    folder = make_tiny_checkpoint(tmp_path / "ck", words=VOCABULARY)
+    zoo.SPECS["mirage-style"].save(folder)
+    r = LatentReasoner.from_pretrained(folder)
+    cfg = TestbedConfig()
+    a, b = make_item(cfg, "test", "attr", 0), make_item(cfg, "test", "count", 0)
+    p = r.item_inputs(a, [I.SwapQuestion(question=b.question, keywords=b.keywords)])
+    words = r.tokenizer.decode(p.after_segment_ids).split()
+    assert words == b.keywords and p.text.rstrip().endswith(b.question + "".join(f" {k}" for k in b.keywords))
+    assert p.options == a.options
 
 
 def test_feature_edits_act_on_the_visual_encoder_output(setup):
     r, p, clean = setup
     with torch.inference_mode():
-        f = r.image_features([p], [[I.MaskImageTokens(indices=[0, 3])]])
-        base = r.image_features([p], [[]])
+        f, _ = r.image_features([p], [[I.MaskImageTokens(indices=[0, 3])]])
+        base, _ = r.image_features([p], [[]])
     assert torch.count_nonzero(f[[0, 3]]) == 0 and torch.equal(f[1:3], base[1:3])
     noisy = run(setup, I.NoiseImageFeatures(scale=0.5))
     assert not torch.equal(noisy.segments[0].z_in[0], clean.segments[0].z_in[0])
+    with pytest.raises(ValueError, match="beyond the"):
+        run(setup, I.MaskImageTokens(indices=[10_000]))
 
 
-def test_residual_edits_are_temporary_and_act_at_their_positions(setup):
+def test_hook_edits_are_temporary_and_act_at_their_positions(setup):
     r, _, clean = setup
     seg = clean.segments[0]
     layer = r.layers[1]
     hooks_before = dict(layer._forward_hooks)  # transformers may keep its own recording hooks
     base = r.replay(clean)
-    edited = r.replay(clean, [I.ResidualEdit(layer=1, positions=[seg.slots[1]], op="zero")])
+    edited = r.replay(clean, [I.HookEdit(hook="blocks.1.hook_resid_post", positions=[seg.slots[1]], op="zero")])
     assert layer._forward_hooks == hooks_before
     diff = (edited.hidden - base.hidden).abs().amax(-1)
     assert diff[:seg.slots[1]].max() == 0 and diff[seg.slots[1]] > 0
-    decoded = run(setup, I.ResidualEdit(layer=1, positions="latents", op="scale", factor=0.0))
+    decoded = run(setup, I.HookEdit(hook="blocks.1.hook_resid_post", positions="latents", op="scale", factor=0.0))
     assert layer._forward_hooks == hooks_before
     assert torch.equal(decoded.segments[0].z_in[0], seg.z_in[0])
     assert not torch.allclose(decoded.segments[0].z_out[0], seg.z_out[0])
+
+
+def test_hook_edit_ops_against_values_computed_by_hand(setup):
+    """add and set differ, scale multiplies: each op checked against the recorded state."""
+    r, _, clean = setup
+    seg, H = clean.segments[0], r.hidden_size
+    where = [seg.slots[2]]
+    rec = I.Record(hooks=["blocks.0.hook_resid_post"], positions=where)
+    v = torch.linspace(-1, 1, H)
+    base = r.replay(clean, [rec]).records["blocks.0.hook_resid_post"][0]
+    for op, kw, want in [("add", dict(value=v.tolist()), base + v), ("set", dict(value=v.tolist()), v),
+                         ("scale", dict(factor=3.0), base * 3), ("zero", {}, torch.zeros(H))]:
+        edit = I.HookEdit(hook="blocks.0.hook_resid_post", positions=where, op=op, **kw)
+        got = r.replay(clean, [edit, I.Record(hooks=["blocks.1.hook_resid_pre"], positions=where)])
+        torch.testing.assert_close(got.records["blocks.1.hook_resid_pre"][0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_knockout_cuts_the_latent_to_answer_path(setup):
@@ -144,19 +186,50 @@ def test_replay_segment_edits(setup):
     assert len(short.ids) == len(clean.ids) - 2
     markers = r.replay(clean, [I.MarkersOnly()])
     assert len(markers.ids) == len(clean.ids) - 4 and markers.answer_logprobs is not None
-    with pytest.raises(ValueError, match="use continue_from"):
+    with pytest.raises(ValueError, match="replay cannot add latents .*use regenerate"):
         r.replay(clean, [I.ChangeK(k=9)])
 
 
-def test_recorders(setup):
+def test_recorders_return_tensors_keyed_by_hook_name(setup):
     r, _, _ = setup
-    t = run(setup, I.RecordLayers(), I.RecordLogits())
-    seg = t.segments[0]
     L = r.model.config.text_config.num_hidden_layers
-    assert seg.layers.shape == (4, L + 1, r.hidden_size)
-    torch.testing.assert_close(seg.layers[:, -1], seg.z_out)
-    assert t.logits.shape[0] == len(t.generated_ids)
-    torch.testing.assert_close(torch.log_softmax(t.logits, -1)[:, t.option_ids], t.step_option_logprobs)
+    t = run(setup, I.Record(hooks=["blocks.*.hook_resid_post", "latent.hook_in", "latent.hook_out",
+                                   "unembed.hook_logits", "ln_final.hook_normalized"], positions="latents"))
+    seg = t.segments[0]
+    assert sorted(t.records) == sorted([f"blocks.{i}.hook_resid_post" for i in range(L)] + [
+        "latent.hook_in", "latent.hook_out", "unembed.hook_logits", "ln_final.hook_normalized"])
+    assert t.records["blocks.0.hook_resid_post"].shape == (4, r.hidden_size)
+    assert t.record_positions["blocks.0.hook_resid_post"] == seg.slots
+    torch.testing.assert_close(t.records["latent.hook_in"], seg.z_in)
+    torch.testing.assert_close(t.records["ln_final.hook_normalized"], seg.z_out)
+    logits = t.records["unembed.hook_logits"]
+    assert logits.shape[0] == len(t.generated_ids)
+    torch.testing.assert_close(torch.log_softmax(logits, -1)[:, t.option_ids], t.step_option_logprobs)
+    pat = run(setup, I.Record(hooks=["blocks.1.attn.hook_pattern"], positions="latents"))
+    rows = pat.records["blocks.1.attn.hook_pattern"]  # [K, heads, keys]
+    assert rows.shape[:2] == (4, r.model.config.text_config.num_attention_heads)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:2]), atol=1e-4, rtol=0)
+    assert r.model.config._attn_implementation != "eager"  # switched back after recording
+    with pytest.raises(ValueError, match="unknown hook 'blocks.0.hook_resid'"):
+        I.Record(hooks=["blocks.0.hook_resid"])
+    with pytest.raises(ValueError, match="decoder layers"):
+        run(setup, I.Record(hooks=["blocks.7.hook_resid_post"]))
+    with pytest.raises(ValueError, match="can be recorded but not edited"):
+        I.HookEdit(hook="latent.hook_in")
+
+
+def test_noop_hooks_equal_no_hooks(setup):
+    r, _, clean = setup
+    L = r.model.config.text_config.num_hidden_layers
+    noop = [I.HookEdit(hook=f"blocks.{i}.{h}", positions="latents", op="scale", factor=1.0)
+            for i in range(L) for h in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
+    noop.append(I.Record(hooks=["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], positions="all"))
+    t = run(setup, *noop)
+    assert t.generated_ids == clean.generated_ids
+    torch.testing.assert_close(t.step_option_logprobs, clean.step_option_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(t.segments[0].z_in, clean.segments[0].z_in, atol=1e-6, rtol=0)
+    a, b = r.replay(clean, noop), r.replay(clean)
+    torch.testing.assert_close(a.hidden, b.hidden, atol=1e-6, rtol=0)
 
 
 def test_capimagine_span_edits_in_continuation(load, images):
@@ -181,13 +254,40 @@ def test_capimagine_span_edits_in_continuation(load, images):
         r.continue_from(t2, edits=[I.CorruptWord(old="green", new="blue")])
 
 
+EXAMPLES = {  # one valid instance of every class whose defaults are not valid on their own
+    "FixedLatent": dict(vector=[1.0, 2.0]), "MeanLatent": dict(vector=[0.5]), "SwapLatent": dict(source=[[1.0]]),
+    "OtherImage": dict(path="x.png"), "MaskPatches": dict(boxes=[[0, 0, 0.5, 0.5]]),
+    "SwapQuestion": dict(question="How many?"), "ReplaceSpan": dict(text="the star is red"),
+    "CorruptWord": dict(old="red", new="blue"),
+}
+
+
 def test_every_intervention_round_trips_through_a_dict():
-    objs = [cls() for cls in I.REGISTRY.values()]
-    assert len(objs) >= 25
+    objs = [cls(**EXAMPLES.get(name, {})) for name, cls in I.REGISTRY.items()]
+    assert len(objs) >= 27
     for iv in objs:
         back = I.from_dict(iv.to_dict())
         assert type(back) is type(iv) and back.to_dict() == iv.to_dict()
     assert "image" not in I.OtherImage(path="x.png").to_dict()
     with pytest.raises(ValueError, match="unknown intervention kind 'Blur'"):
         I.from_dict({"kind": "Blur"})
+    with pytest.raises(ValueError, match="ZeroLatent: unknown field.*'step'"):
+        I.from_dict({"kind": "ZeroLatent", "step": [1]})
     assert I.as_interventions([{"kind": "ZeroLatent", "steps": [1]}]) == [I.ZeroLatent(steps=[1])]
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: I.NoiseLatent(mode="replcae"), "mode"), (lambda: I.ChangeK(k=-3), "k"),
+    (lambda: I.NoiseLatent(scale=-1), "scale"), (lambda: I.ZeroLatent(steps=[-1]), "steps"),
+    (lambda: I.ExtremeLatent(mode="huge"), "mode"), (lambda: I.NoiseImage(std=0), "std"),
+    (lambda: I.MaskPatches(boxes=[[0.5, 0, 0.2, 1]]), "boxes"), (lambda: I.MaskPatches(boxes=[]), "boxes"),
+    (lambda: I.BlankImage(colour=(300, 0, 0)), "colour"), (lambda: I.Knockout(query="answer"), "query"),
+    (lambda: I.Knockout(key="everything"), "key"), (lambda: I.HookEdit(op="mul"), "op"),
+    (lambda: I.HookEdit(op="add"), "value"), (lambda: I.MaskImageTokens(mode="one"), "mode"),
+    (lambda: I.ReplaceSpan(), "ids"), (lambda: I.CorruptWord(), "old"), (lambda: I.SwapQuestion(), "question"),
+    (lambda: I.OtherImage(), "path"), (lambda: I.Record(hooks="blocks.0.hook_resid_post"), "hooks"),
+    (lambda: I.FixedLatent(vector="abc"), "vector"), (lambda: I.ShuffleLatents(seed=1.5), "seed"),
+])
+def test_nonsense_fields_are_refused_when_made(make, field):
+    with pytest.raises(ValueError, match=rf"\.{field}: "):
+        make()

@@ -2,10 +2,9 @@
 
 import re
 
-from PIL import Image
-
+from latentmed.engine.tiny import make_tiny_checkpoint
 from latentmed.paths import ROOT
-from latentmed.tiny import make_tiny_checkpoint
+from PIL import Image
 
 
 def test_readme_latent_reasoner_example_runs(tmp_path, monkeypatch, capsys):

@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 from conftest import OPTIONS
+from latentmed.engine.reasoner import LatentReasoner
+from latentmed.engine.spec import METHODS, PRESETS, LatentSpec, preset
 from safetensors.torch import load_file, save_file
-
-from latentmed.loading import LatentReasoner
-from latentmed.spec import METHODS, PRESETS, LatentSpec, preset
 
 
 def edit_json(path, **changes):

@@ -3,16 +3,15 @@
 import pytest
 import torch
 from conftest import OPTIONS
-
-from latentmed import interventions as I
-from latentmed.sweep import naive_sweep, shared_sweep
+from latentmed.engine import interventions as I
+from latentmed.engine.sweep import naive_sweep, shared_sweep
 
 
 def variants(z: torch.Tensor) -> list:
     return [[], I.ZeroLatent(), I.NoiseLatent(scale=2.0, mode="replace"), I.SwapLatent(source=(z.flip(0)).tolist()),
             I.ShuffleLatents(seed=3, source=z.tolist()), I.ChangeK(k=2), I.MarkersOnly(), I.DropSegment(),
-            [I.ZeroLatent(steps=[0]), I.RecordLayers()],
-            I.BlankImage()]  # the last one edits the input: it cannot share and runs alone
+            [I.ZeroLatent(steps=[0]), I.Record(hooks=["blocks.*.hook_resid_post"])],
+            I.BlankImage()]  # the last one edits the input: it gets its own prefill
 
 
 def assert_same(shared, naive):
@@ -36,7 +35,9 @@ def test_shared_sweep_equals_naive_sweep(load, images, method):
     shared, naive = shared_sweep(r, p, variants(z), **kw), naive_sweep(r, p, variants(z), **kw)
     assert_same(shared, naive)
     assert len({tuple(t.generated_ids) for t in shared}) > 1  # the variants really differ
-    assert shared[-2].segments[0].layers is not None
+    assert shared[-2].records["blocks.0.hook_resid_post"].shape[0] == len(shared[-2].segments[0].slots)
+    torch.testing.assert_close(shared[-2].records["blocks.1.hook_resid_post"], naive[-2].records["blocks.1.hook_resid_post"],
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_shared_sweep_branches_after_a_natural_trigger_and_when_sampling(fresh, images):

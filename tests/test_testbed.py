@@ -8,12 +8,25 @@ import re
 
 import numpy as np
 import pytest
-
-from latentmed import scenes
-from latentmed.dataset import Testbed, TestbedFormatError, ensure, generate, load
-from latentmed.resolution import readability
-from latentmed.testbed import (FAMILIES, NUMBER_WORDS, TestbedConfig, cell_labels,
-                               evidence_fraction, items_frame, make_item, make_scene)
+from latentmed.testbed import (
+    FAMILIES,
+    NUMBER_WORDS,
+    TestbedConfig,
+    cell_labels,
+    evidence_fraction,
+    items_frame,
+    make_item,
+    make_scene,
+    scenes,
+)
+from latentmed.testbed.dataset import (
+    Testbed,
+    TestbedFormatError,
+    ensure,
+    generate,
+    load,
+)
+from latentmed.testbed.resolution import readability
 
 TINY = dict(n_train=8, n_val=4, n_test=8)
 

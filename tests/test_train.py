@@ -6,31 +6,32 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from latentmed import layouts, loop, sft, train
-from latentmed.testbed import TestbedConfig, make_item
-from latentmed.tiny import save_checkpoint, tiny_config, tiny_model
-from latentmed.tokenizer import build_tokenizer
-from latentmed.zoo import SPECS, method_stages
+from latentmed.engine import checkpoint, layouts
+from latentmed.engine.tiny import save_checkpoint, tiny_config, tiny_model
+from latentmed.engine.tokenizer import build_tokenizer
+from latentmed.testbed import VOCABULARY, TestbedConfig, make_item
+from latentmed.zoo import SPECS, batching, loop, method_stages, predict, sft, stages
+from latentmed.zoo import bank as B
+from latentmed.zoo import forward as fwd
 
 CFG = TestbedConfig(n_objects=(3, 8), n_train=8, n_val=8, n_test=8)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer()
+    return build_tokenizer(VOCABULARY)
 
 
 @pytest.fixture(scope="module")
 def bank(tok):
     torch.manual_seed(0)
     model = tiny_model(tiny_config(tok, "test"), seed=0)
-    return train.build_bank(model, CFG, "train", 2, kinds=("main", "crop", "degraded"), progress=False)
+    return B.build_bank(model, CFG, "train", 2, kinds=("main", "crop", "degraded"), progress=False)
 
 
 def fresh(tok, seed=0):
     model = tiny_model(tiny_config(tok, "test"), seed=seed)
-    train.reinit_language_model(model, seed=seed)
+    stages.reinit_language_model(model, seed=seed)
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
     return model
@@ -54,10 +55,10 @@ def test_prompt_layout_ends_with_the_key_words_and_segment_sits_before_the_answe
 
 
 def test_collate_aligns_segments_and_supervises_the_right_tokens(tok, bank):
-    plan = train.Plan(SPECS["mirage-style"], n_latents=4, attn_weight=1.0)
+    plan = batching.Plan(SPECS["mirage-style"], n_latents=4, attn_weight=1.0)
     model = fresh(tok)
-    train.bind_rope(model)
-    b = train.collate(tok, bank, [0, 3, 5, 7], plan)
+    batching.bind_rope(model)
+    b = batching.collate(tok, bank, [0, 3, 5, 7], plan)
     start, end = (tok.convert_tokens_to_ids(t) for t in ("<|latent_start|>", "<|latent_end|>"))
     assert (b.ids[:, b.slot_start - 1] == start).all() and (b.ids[:, b.slot_start + 4] == end).all()
     assert (b.labels[:, b.prompt_end] == start).all()  # trigger supervised at the last key word
@@ -71,12 +72,12 @@ def test_collate_aligns_segments_and_supervises_the_right_tokens(tok, bank):
 
 def test_latent_loop_equals_teacher_forcing_with_its_own_latents(tok, bank):
     model = fresh(tok).eval()
-    plan = train.Plan(SPECS["lvr-style"], n_latents=8)
-    train.bind_rope(model)
-    b = train.collate(tok, bank, [0, 1, 2, 6], plan)
+    plan = batching.Plan(SPECS["lvr-style"], n_latents=8)
+    batching.bind_rope(model)
+    b = batching.collate(tok, bank, [0, 1, 2, 6], plan)
     with torch.no_grad():
-        loop = train.forward(model, b, plan)
-        tf = train.forward(model, b, replace(plan, latent_fill="crop"), fill=loop.z_in)
+        loop = fwd.forward(model, b, plan)
+        tf = fwd.forward(model, b, replace(plan, latent_fill="crop"), fill=loop.z_in)
     assert torch.allclose(loop.hidden, tf.hidden, atol=1e-5)
     # each latent is the post-norm hidden state of the position before its slot
     assert torch.allclose(loop.z_in[:, 1:], loop.hidden[:, b.slot_start:b.slot_start + 7], atol=1e-6)
@@ -84,10 +85,10 @@ def test_latent_loop_equals_teacher_forcing_with_its_own_latents(tok, bank):
 
 def test_loss_decreases_on_a_tiny_overfit_batch(tok, bank, tmp_path):
     model = fresh(tok)
-    plan = train.Plan(SPECS["base"], attn_weight=1.0)
-    small = train.FeatureBank(bank.items[:8], bank.main[:8], bank.crop[:8], bank.degraded[:8], bank.grid,
+    plan = batching.Plan(SPECS["base"], attn_weight=1.0)
+    small = B.FeatureBank(bank.items[:8], bank.main[:8], bank.crop[:8], bank.degraded[:8], bank.grid,
                               bank.crop_grid)
-    train.train_stage(model, tok, plan, small, None, quick("overfit", 60), tmp_path, progress=False)
+    stages.train_stage(model, tok, plan, small, None, quick("overfit", 60), tmp_path, progress=False)
     import pandas as pd
 
     curve = pd.read_csv(tmp_path / "curves.csv")
@@ -100,14 +101,14 @@ def test_resume_after_a_kill_gives_the_same_model_as_an_uninterrupted_run(tok, b
     plan = method_stages(method, "ci")[0].plan
     cfg = quick("resume", 6, save_every=2)
     a = fresh(tok)
-    train.train_stage(a, tok, plan, bank, None, cfg, tmp_path / "a", progress=False)
+    stages.train_stage(a, tok, plan, bank, None, cfg, tmp_path / "a", progress=False)
     b = fresh(tok)
     with pytest.raises(loop.SimulatedKill):
-        train.train_stage(b, tok, plan, bank, None, cfg, tmp_path / "b", progress=False, stop_after=3)
+        stages.train_stage(b, tok, plan, bank, None, cfg, tmp_path / "b", progress=False, stop_after=3)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 2
     c = fresh(tok)  # a new process from the same base: its language model is replaced by the saved state
-    train.reinit_language_model(c, seed=5)
-    train.train_stage(c, tok, plan, bank, None, cfg, tmp_path / "b", progress=False)
+    stages.reinit_language_model(c, seed=5)
+    stages.train_stage(c, tok, plan, bank, None, cfg, tmp_path / "b", progress=False)
     for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
         assert torch.equal(va, vc), k
     import pandas as pd
@@ -118,7 +119,7 @@ def test_resume_after_a_kill_gives_the_same_model_as_an_uninterrupted_run(tok, b
 
 
 def test_optimizer_state_is_stored_without_pickle(tok, bank, tmp_path):
-    train.train_stage(fresh(tok), tok, train.Plan(SPECS["direct"]), bank, None, quick("s", 2, save_every=1),
+    stages.train_stage(fresh(tok), tok, batching.Plan(SPECS["direct"]), bank, None, quick("s", 2, save_every=1),
                       tmp_path, progress=False)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "optimizer.safetensors" in files and "weights.safetensors" in files and "state.json" in files
@@ -129,10 +130,10 @@ def test_predict_runs_every_kind_of_segment_without_nan(tok, bank):
     model = fresh(tok)
     for name in ["direct", "capimagine", "lvr-style", "mirage-style", "positive-control", "negative-control"]:
         spec = SPECS[name]
-        fill = {"evidence_crop": "crop", "constant": "constant"}.get(layouts.latent_source(spec), "hidden")
-        plan = train.Plan(spec, n_latents=spec.n_latents, latent_fill=fill)
+        fill = {"evidence_crop": "crop", "constant": "constant"}.get(spec.latent_source, "hidden")
+        plan = batching.Plan(spec, n_latents=spec.n_latents, latent_fill=fill)
         const = torch.ones(spec.n_latents, model.config.text_config.hidden_size) if fill == "constant" else None
-        recs = train.predict(model, tok, bank, plan, constant=const)
+        recs = predict.predict(model, tok, bank, plan, constant=const)
         assert len(recs) == len(bank) and not any(r["nonfinite"] for r in recs), name
         if spec.has_latents and spec.end_rule == "model_or_cap":
             assert all(0 <= r["k"] <= spec.max_latents for r in recs)
@@ -144,16 +145,16 @@ def test_vision_stage_learns_cell_labels_and_rescale_sets_the_token_norm(tok, tm
     model = tiny_model(tiny_config(tok, "test"), seed=0)
     cfg = loop.StageConfig("vision", 30, batch_size=4, lr=3e-3, warmup=3, eval_every=10**6, save_every=10**6,
                             keep_best=False)
-    _, summary = train.vision_stage(model, CFG, cfg, tmp_path, progress=False)
+    _, summary = stages.vision_stage(model, CFG, cfg, tmp_path, progress=False)
     assert set(summary["cell_accuracy"]) == {"colour", "shape", "digit", "row", "col"}
     import pandas as pd
 
     loss = pd.read_csv(tmp_path / "curves.csv")["loss"]
     assert loss.iloc[-5:].mean() < 0.8 * loss.iloc[:5].mean()
-    train.freeze_and_rescale_tower(model, CFG, target_norm=1.0)
+    stages.freeze_and_rescale_tower(model, CFG, target_norm=1.0)
     from latentmed.testbed import make_scene
 
-    toks = train.tower_tokens(model, [make_scene(CFG, 99)[1]])
+    toks = B.tower_tokens(model, [make_scene(CFG, 99)[1]])
     assert 0.5 < float(toks.norm(dim=-1).mean()) < 2.0
     assert not any(p.requires_grad for p in model.model.visual.parameters())
 
@@ -169,28 +170,28 @@ def test_missing_fields_name_the_source_the_item_and_the_field(tok, bank):
             setattr(bad, field, None)
         plan = next(s.plan for s in method_stages(method, "ci") if field in s.plan.needs())
         with pytest.raises(ValueError, match=rf"mydata: item train-attr-00000 has no '{field}'.*{method}"):
-            train.check_items([bad], plan, source="mydata")
+            batching.check_items([bad], plan, source="mydata")
 
 
 def test_incomplete_checkpoint_folder_is_named(tok, tmp_path):
     folder = tmp_path / "ckpt"
     save_checkpoint(folder, tiny_model(tiny_config(tok, "test")), tok)
-    with pytest.raises(FileNotFoundError, match=rf"{folder}.*latent_spec.json"):
-        train.load_model(folder)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.load_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match=rf"{folder}: no latent_spec.json"):
+        checkpoint.load(folder)
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        checkpoint.load(tmp_path / "nope")
 
 
 def test_base_whose_tokenizer_does_not_match_is_refused(tok, tmp_path):
-    from latentmed.tokenizer import build_tokenizer as bt
+    from latentmed.engine.tokenizer import build_tokenizer as bt
 
     folder = tmp_path / "ckpt"
     model = tiny_model(tiny_config(tok, "test"))
-    other = bt(vocab_size=400)  # another BPE: special ids move
+    other = bt(VOCABULARY, vocab_size=400)  # another BPE: special ids move
     save_checkpoint(folder, model, other)
     SPECS["base"].save(folder)
-    with pytest.raises(ValueError, match=rf"{folder}: the model does not match the tokenizer"):
-        train.load_model(folder)
+    with pytest.raises(ValueError, match=rf"{folder}: tokenizer/config mismatch"):
+        checkpoint.load(folder)
 
 
 # ---------------------------------------------------------------- CapImagine data + the SFT path
@@ -206,7 +207,7 @@ def tiny_ckpt(tok, tmp_path_factory):
 
 
 def test_monet_format_fixture_becomes_capimagine_data_with_a_local_vlm_captioner(tiny_ckpt, tmp_path):
-    from latentmed import captioner
+    from latentmed.zoo import captioner
 
     cap = captioner.ModelCaptioner(tiny_ckpt, max_new_tokens=4)
     n = captioner.convert_file(FIXTURE / "train.json", tmp_path / "cap.json", cap)
@@ -222,7 +223,7 @@ def test_monet_format_fixture_becomes_capimagine_data_with_a_local_vlm_captioner
 
 
 def test_testbed_items_go_through_the_same_converter_with_ground_truth_captions(tmp_path):
-    from latentmed import captioner
+    from latentmed.zoo import captioner
 
     items = [make_item(CFG, "train", f, 0) for f in CFG.families]
     path, gt = captioner.testbed_interleaved(items, tmp_path)
@@ -232,7 +233,7 @@ def test_testbed_items_go_through_the_same_converter_with_ground_truth_captions(
 
 
 def test_bad_interleaved_files_are_named(tmp_path):
-    from latentmed import captioner
+    from latentmed.zoo import captioner
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"conversations": []}]))
@@ -245,7 +246,7 @@ def test_bad_interleaved_files_are_named(tmp_path):
 
 
 def test_hf_trainer_sft_with_lora_runs_on_the_tiny_model(tiny_ckpt, tmp_path):
-    from latentmed import captioner
+    from latentmed.zoo import captioner
 
     items = [make_item(CFG, "train", f, i) for f in CFG.families for i in range(2)]
     path, gt = captioner.testbed_interleaved(items, tmp_path / "data")
@@ -253,9 +254,7 @@ def test_hf_trainer_sft_with_lora_runs_on_the_tiny_model(tiny_ckpt, tmp_path):
     m = sft.sft(tiny_ckpt, tmp_path / "data" / "cap.json", tmp_path / "out", lora=True, max_steps=3, lr=1e-3,
                   batch_size=2, report=False)
     assert len(m["losses"]) == 3 and all(np.isfinite(m["losses"]))
-    from latentmed.train import check_checkpoint
-
-    check_checkpoint(tmp_path / "out", required=("config.json", "model.safetensors", "tokenizer.json"))
+    checkpoint.load(tmp_path / "out", method="capimagine")
 
 
 @pytest.mark.slow
@@ -264,7 +263,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_ckpt, tmp_path):
     import subprocess
     import sys
 
-    from latentmed import captioner
+    from latentmed.zoo import captioner
 
     items = [make_item(CFG, "train", f, i) for f in CFG.families for i in range(2)]
     path, gt = captioner.testbed_interleaved(items, tmp_path / "data")
@@ -272,7 +271,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_ckpt, tmp_path):
     exe = shutil.which("accelerate", path=str(__import__("pathlib").Path(sys.executable).parent))
     # without a GPU, accelerate's multi-process launcher (torchrun) gives each process gloo
     cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "latentmed.sft", "--model", str(tiny_ckpt), "--data",
+           "--dynamo_backend", "no", "-m", "latentmed.zoo.sft", "--model", str(tiny_ckpt), "--data",
            str(tmp_path / "data" / "cap.json"), "--out", str(tmp_path / "out"), "--max-steps", "2", "--lr", "1e-3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))

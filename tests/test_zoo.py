@@ -7,10 +7,14 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
-from latentmed import layouts, stats, zoo
-from latentmed.evaluate import evaluate_zoo, headline_tests, summarize
-from latentmed.testbed import TestbedConfig
+from latentmed import zoo
+from latentmed.analysis import stats
+from latentmed.engine import checkpoint, layouts
+from latentmed.files import settings_hash, state_hash
+from latentmed.testbed import VOCABULARY, TestbedConfig
+from latentmed.zoo import bank as B
+from latentmed.zoo import batching, predict
+from latentmed.zoo.evaluate import evaluate_zoo, headline_tests, summarize
 
 CFG = TestbedConfig(n_objects=(3, 8), n_train=8, n_val=8, n_test=16)
 
@@ -29,8 +33,9 @@ def test_registry_has_every_method_with_its_spec_and_k():
     assert (k["monet-style"], k["lvr-style"], k["mirage-style"]) == (10, 8, 4)
     assert zoo.SPECS["mirage-style"].end_rule == "model_or_cap"
     assert [s.cfg.name for s in zoo.method_stages("monet-style")] == ["sft-crop", "latent-with-crop", "latent"]
-    assert layouts.latent_source(zoo.SPECS["positive-control"]) == "evidence_crop"
-    assert layouts.latent_source(zoo.SPECS["negative-control"]) == "constant"
+    assert zoo.SPECS["positive-control"].latent_source == "evidence_crop"
+    assert zoo.SPECS["positive-control"].prompt_image == "degraded"
+    assert zoo.SPECS["negative-control"].latent_source == "constant"
     for m in zoo.METHODS:
         assert layouts.is_testbed(zoo.SPECS[m]) and zoo.SPECS[m].answer_format == "word"
 
@@ -55,7 +60,7 @@ def test_zoo_trains_every_model_with_a_complete_checkpoint(trained):
         info = json.loads((folder / "zoo.json").read_text())
         assert info["complete"] and info["seconds"] > 0 and info["settings"]["seed"] == 0
         assert not (folder / "runs").exists()
-    assert (root / "negative-control" / layouts.CONSTANT_FILE).exists()
+    assert (root / "negative-control" / checkpoint.CONSTANT_FILE).exists()
     curves = pd.read_csv(root / "monet-style" / "curves.csv")
     assert list(pd.unique(curves["stage"])) == ["sft-crop", "latent-with-crop", "latent"]
 
@@ -71,21 +76,19 @@ def test_changed_settings_retrain(trained, tmp_path):
     root, _ = trained
     s1 = zoo.settings("direct", "ci", 0, CFG, "h")
     s2 = zoo.settings("direct", "ci", 1, CFG, "h")
-    assert zoo.settings_hash(s1) != zoo.settings_hash(s2)
-    assert not zoo.is_trained(root / "direct", zoo.settings_hash(s2))
+    assert settings_hash(s1) != settings_hash(s2)
+    assert not zoo.is_trained(root / "direct", settings_hash(s2))
 
 
 def test_tower_is_shared_and_frozen_across_the_zoo(trained):
-    from latentmed.train import load_model, state_hash
-
     root, _ = trained
-    towers = {state_hash(load_model(root / m)[0].model.visual) for m in zoo.METHODS}
+    towers = {state_hash(checkpoint.load(root / m).model.model.visual) for m in zoo.METHODS}
     assert len(towers) == 1
 
 
 def test_evaluation_reports_accuracy_intervals_trigger_k_and_nan(trained):
     root, _ = trained
-    recs = evaluate_zoo(root, budget="ci", per_family=2)
+    recs = evaluate_zoo(root, per_family=2)
     assert set(recs["model"]) == set(zoo.METHODS)
     summ = summarize(recs)
     row = summ[(summ["model"] == "lvr-style") & (summ["family"] == "all")].iloc[0]
@@ -97,12 +100,12 @@ def test_evaluation_reports_accuracy_intervals_trigger_k_and_nan(trained):
     tests = headline_tests(recs)
     assert {"capimagine"} <= set(tests["model_a"]) and "p_holm" in tests
     assert (tests["p_holm"] >= tests["p_value"] - 1e-12).all()
-    again = evaluate_zoo(root, budget="ci", per_family=2)  # cached, same numbers
+    again = evaluate_zoo(root, per_family=2)  # cached, same numbers
     assert again["correct"].tolist() == recs["correct"].tolist()
 
 
 def test_checkpoints_load_through_the_engine_loader(trained):
-    loading = pytest.importorskip("latentmed.loading")
+    loading = pytest.importorskip("latentmed.engine.reasoner")
     root, _ = trained
     for m in ["direct", "lvr-style", "mirage-style", "capimagine"]:
         r = loading.LatentReasoner.from_pretrained(root / m)
@@ -112,14 +115,14 @@ def test_checkpoints_load_through_the_engine_loader(trained):
 def test_a_base_with_another_tokenizer_is_refused_naming_the_folder(trained, tmp_path):
     import shutil
 
-    from latentmed.tokenizer import build_tokenizer
+    from latentmed.engine.tokenizer import build_tokenizer
 
     root, _ = trained
     bad = tmp_path / "base"
     shutil.copytree(root / "base", bad)
-    build_tokenizer(vocab_size=400).save_pretrained(bad)
+    build_tokenizer(VOCABULARY, vocab_size=400).save_pretrained(bad)
     z = zoo.Zoo(tmp_path / "z", budget="ci", config=CFG, progress=False, model_size="test")
-    with pytest.raises(ValueError, match=rf"{bad}: the model does not match the tokenizer"):
+    with pytest.raises(ValueError, match=rf"{bad}: tokenizer/config mismatch"):
         z.train_method("direct", base_folder=bad)
 
 
@@ -131,7 +134,7 @@ def test_incomplete_zoo_checkpoint_is_named(trained, tmp_path):
     shutil.copytree(root / "base", bad)
     (bad / "model.safetensors").unlink()
     z = zoo.Zoo(tmp_path / "z", budget="ci", config=CFG, progress=False, model_size="test")
-    with pytest.raises(FileNotFoundError, match=rf"{bad}: incomplete checkpoint folder, missing model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=rf"{bad}: no model weights"):
         z.train_method("direct", base_folder=bad)
 
 
@@ -154,55 +157,41 @@ def test_stats_wilson_mcnemar_holm_match_statsmodels():
     assert list(t.columns[:3]) == ["model", "family", "n"] and t["above_chance"].dtype == bool
 
 
-@pytest.mark.parametrize("method", ["direct", "lvr-style", "mirage-style"])
-def test_engine_generate_and_replay_agree_with_the_evaluation_forward(trained, method):
-    """The engine's own loop (loading.LatentReasoner) on the testbed layout decides the same K as
-    `train.predict`, and where it writes the key words again as trained, its teacher-forced
-    replay gives the same answer log-probs."""
-    loading = pytest.importorskip("latentmed.loading")
-    from latentmed import train
-    from latentmed.testbed import make_item
+@pytest.mark.parametrize("method", [m for m in zoo.METHODS])
+def test_engine_and_the_fast_training_path_agree_item_for_item(trained, method):
+    """Chapter 2 measures through the engine (`LatentReasoner`); training validates with the
+    batched `predict`. Both give the same answer, K, trigger and option log-probs per item."""
+    from latentmed.zoo.evaluate import evaluate_model, test_items
 
     root, _ = trained
-    # LVR's released loop samples the token after K latents; force the end on both sides so an
-    # untrained model's free text does not decide where the segment ends
-    override = {"end_rule": "force_after_k"} if method == "lvr-style" else {}
-    r = loading.LatentReasoner.from_pretrained(root / method, **override)
-    model, tok, spec = train.load_model(root / method)
-    spec = spec.with_overrides(**override)
-    bank = train.build_bank(model, CFG, "test", 1, kinds=("main",), progress=False)
-    recs = train.predict(model, tok, bank, train.Plan(spec, n_latents=spec.n_latents))
-    compared = 0
-    for rec in recs:
-        item = make_item(CFG, "test", rec["family"], 0)
-        prompt = r.item_inputs(item)
-        oid = prompt.option_ids
-        trace = r.generate(prompt, force_latent=spec.has_latents, option_ids=oid,
-                           max_new_tokens=spec.k_target + 6 if spec.has_latents else 2)
-        k = len(trace.segments[0].slots) if trace.segments else 0
-        assert k == rec["k"], (rec["id"], k, rec["k"])
-        step = trace.segments[0].last - len(trace.prompt_ids) + 1 if trace.segments else 0
-        restated = r.tokenizer.encode(layouts.answer_prefix(item, spec), add_special_tokens=False)
-        if trace.generated_ids[step:step + len(restated)] != restated:
-            continue  # the (barely trained) model wrote something else after the segment
-        lp = r.replay(trace).step_option_logprobs[step + len(restated)]
-        lp = lp - lp.logsumexp(0)  # the engine's log-probs are over the vocabulary
-        assert np.allclose(lp.numpy(), rec["logprobs"], atol=1e-4), rec["id"]
-        compared += 1
-    assert compared > 0 or method != "direct"
+    x = checkpoint.load(root / method)
+    spec = x.spec
+    fill = {"evidence_crop": "crop", "constant": "constant"}.get(spec.latent_source, "hidden")
+    plan = batching.Plan(spec, n_latents=spec.n_latents if spec.has_latents else 0, latent_fill=fill,
+                         image="degraded" if spec.prompt_image == "degraded" else "main")
+    bank = B.build_bank(x.model, CFG, "test", 3, kinds=("main", "crop", "degraded"), progress=False)
+    fast = pd.DataFrame(predict.predict(x.model, x.tokenizer, bank, plan, constant=x.constant))
+    eng = evaluate_model(root / method, test_items(CFG, "test", 3))
+    assert fast["id"].tolist() == eng["id"].tolist()
+    assert fast["pred"].tolist() == eng["pred"].tolist(), method
+    assert fast["k"].tolist() == eng["k"].tolist(), method
+    np.testing.assert_allclose(np.array(fast["logprobs"].tolist()), np.array(eng["logprobs"].tolist()), atol=1e-4)
+    if spec.has_segments:
+        assert fast["trigger"].tolist() == eng["trigger"].tolist()
+        assert fast["ended"].tolist() == eng["ended"].tolist()
 
 
 def test_only_zoo_specs_use_the_testbed_layout():
-    from latentmed.spec import PRESETS
+    from latentmed.engine.spec import PRESETS
 
     assert not any(layouts.is_testbed(s) for s in PRESETS.values())
     assert all(layouts.is_testbed(zoo.SPECS[m]) for m in zoo.METHODS)
 
 
 def test_item_inputs_refuses_chat_models(tmp_path):
-    from latentmed.loading import LatentReasoner
+    from latentmed.engine.reasoner import LatentReasoner
+    from latentmed.engine.tiny import make_tiny_checkpoint
     from latentmed.testbed import make_item
-    from latentmed.tiny import make_tiny_checkpoint
 
     r = LatentReasoner.from_pretrained(make_tiny_checkpoint(tmp_path / "ck"), method="lvr")
     with pytest.raises(ValueError, match="chat template"):

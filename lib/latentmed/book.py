@@ -51,8 +51,8 @@ def available() -> list[Chapter]:
 
 def _lib_hash() -> str:
     h = hashlib.sha256()
-    for path in sorted((ROOT / "lib" / "latentmed").glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    for path in sorted((ROOT / "lib" / "latentmed").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     return h.hexdigest()
 
 

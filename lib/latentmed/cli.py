@@ -18,8 +18,8 @@ def _timed(label: str, fn, *args, **kw):
 
 
 def cmd_testbed(args) -> None:
-    from .dataset import ensure
-    from .testbed import TestbedConfig
+    from .testbed.dataset import ensure
+    from .testbed.items import TestbedConfig
 
     sizes = book.CI_TESTBED if args.profile == "ci" else {}
     config = TestbedConfig(**sizes)

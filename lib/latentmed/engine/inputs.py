@@ -3,6 +3,10 @@
 `Qwen2_5_VLProcessor` needs torchvision (for its video processor), so we do what it does for
 images: expand each `<|image_pad|>` to one pad per merged image token and pass
 `mm_token_type_ids` (without it transformers 5 silently falls back to 1-D positions).
+A `Prompt` is the encoded result plus what a run needs beside it: the `Query` it was built from
+(so input edits can rebuild it), the option tokens that score the answer, the tokens forced
+after a segment (the testbed layout's restated key words) and the evidence crop's pixels (the
+positive control's latent source).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+from .query import Query
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -28,9 +34,43 @@ class Encoded:
         return (self.input_ids == image_token_id).int()
 
 
+@dataclass
+class Prompt(Encoded):
+    """Encoded inputs plus what running and scoring need.
+
+    `prompt_len` < len(input_ids) marks teacher-forced generated ids after the prompt (used by
+    `continue_from`).
+    """
+
+    query: Query | None = None
+    option_ids: list[int] | None = None
+    prompt_len: int | None = None
+    after_segment_ids: list[int] | None = None  # forced after a segment when DecodeConfig.force_suffix
+    crop_pixels: torch.Tensor | None = None  # evidence crop (latent_source "evidence_crop")
+    crop_grid: torch.Tensor | None = None
+
+    @property
+    def question(self) -> str:
+        return self.query.question if self.query is not None else ""
+
+    @property
+    def options(self) -> list[str] | None:
+        return self.query.options if self.query is not None else None
+
+
 def n_image_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
     """Merged image tokens per image: t*h*w / merge^2."""
     return [int(t * h * w) // merge_size**2 for t, h, w in grid_thw.tolist()]
+
+
+def pixels(processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel patches and grid of `images` (Qwen2-VL's processor); a failure names the image size."""
+    try:
+        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    except ValueError as exc:
+        sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images)
+        raise ValueError(f"image(s) of size {sizes}: the image processor refused them ({exc})") from exc
+    return out["pixel_values"], out["image_grid_thw"]
 
 
 def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = None) -> Encoded:
@@ -40,8 +80,7 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
         raise ValueError(f"prompt has {text.count(IMAGE_PAD)} {IMAGE_PAD} markers but {len(images)} images were given")
     pixel_values = grid = None
     if images:
-        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        pixel_values, grid = pixels(processor, images)
         merge = getattr(processor, "merge_size", 2)
         parts = text.split(IMAGE_PAD)
         text_expanded = parts[0]

@@ -16,9 +16,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .paths import ensure_writable
-from .testbed import SPLITS, Item, TestbedConfig, item_keys, make_item
-
+from ..paths import ensure_writable
+from .items import SPLITS, Item, TestbedConfig, item_keys, make_item
 
 FORMAT_VERSION = 1
 GENERATOR_VERSION = "1"  # bump whenever drawing or item logic changes what is generated

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
 from .tokenizer import build_tokenizer, save_tokenizer
 
@@ -77,7 +79,7 @@ def save_checkpoint(path: str | Path, model, tokenizer, processor=None) -> Path:
     return path
 
 
-def make_tiny_checkpoint(path: str | Path, size: str = "test", seed: int = 0) -> Path:
-    """Build tokenizer + random model of `size` and save them as a checkpoint folder."""
-    tok = build_tokenizer()
+def make_tiny_checkpoint(path: str | Path, size: str = "test", seed: int = 0, words=()) -> Path:
+    """Build tokenizer (with `words` as single tokens) + random model of `size`; save as a folder."""
+    tok = build_tokenizer(words)
     return save_checkpoint(path, tiny_model(tiny_config(tok, size), seed), tok)

@@ -56,8 +56,8 @@ class ModelCaptioner:
                  max_new_tokens: int = 32):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from .tiny import image_processor
-        from .tokenizer import load_tokenizer
+        from ..engine.tiny import image_processor
+        from ..engine.tokenizer import load_tokenizer
 
         folder = Path(folder)
         if not (folder / "config.json").exists():
@@ -71,7 +71,7 @@ class ModelCaptioner:
     def caption(self, image, context: str, key: str | None = None) -> str:
         import torch
 
-        from .inputs import chat_prompt, encode
+        from ..engine.inputs import chat_prompt, encode
 
         text = chat_prompt(self.tok, self.prompt)
         enc = encode(self.tok, self.processor, text, [image])

@@ -14,9 +14,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import scenes
-from .scenes import SHAPES, SceneObject
-from .testbed import Item
+from .items import Item
+from .scenes import (
+    MAX_SIZE,
+    MIN_DIGIT_SIZE,
+    MIN_SIZE,
+    SHAPES,
+    SceneObject,
+    cell_box,
+    degrade,
+    region,
+    render_region,
+)
 
 
 def _target(item: Item) -> SceneObject:
@@ -33,10 +42,10 @@ def _candidates(item: Item) -> tuple[list[SceneObject], int]:
     (attr) at every size the generator draws.
     """
     t = _target(item)
-    low = scenes.MIN_DIGIT_SIZE if t.kind == "digit" else scenes.MIN_SIZE
+    low = MIN_DIGIT_SIZE if t.kind == "digit" else MIN_SIZE
     twice_cx, twice_cy = t.bbox[0] + t.bbox[2], t.bbox[1] + t.bbox[3]
     cands, truth = [], []
-    for size in range(low, scenes.MAX_SIZE + 1):
+    for size in range(low, MAX_SIZE + 1):
         x0, y0 = (twice_cx - size) // 2, (twice_cy - size) // 2
         box = (x0, y0, x0 + size, y0 + size)
         if item.family == "glyph":
@@ -52,11 +61,11 @@ def _read_target(item: Item, image: Image.Image, factors) -> dict[int, bool]:
     """Nearest-template reading of the target's cell after each downscale factor: right or wrong."""
     cands, labels, truth = _candidates(item)
     size = image.size[0]
-    box = scenes.cell_box(tuple(item.evidence_cells[0]))
-    templates = np.stack([scenes.render_region([c], size, box) for c in cands])
+    box = cell_box(tuple(item.evidence_cells[0]))
+    templates = np.stack([render_region([c], size, box) for c in cands])
     out = {}
     for f in factors:
-        seen = scenes.region(scenes.degrade(image, f), box)
+        seen = region(degrade(image, f), box)
         dist = ((templates - seen[None]) ** 2).sum(axis=(1, 2, 3))
         out[f] = labels[int(np.argmin(dist))] == truth
     return out

@@ -24,8 +24,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import scenes
-from .scenes import CELL, COLOUR_NAMES, SHAPES, SceneObject
+from .scenes import (
+    CELL,
+    COLOUR_NAMES,
+    SHAPES,
+    SceneObject,
+    grid_size,
+    place,
+    random_cells,
+    random_spec,
+    render,
+)
 
 FAMILIES: tuple[str, ...] = ("attr", "relpos", "count", "glyph")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -33,6 +42,8 @@ LETTERS = "ABCD"
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven",
                                  "eight", "nine")
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+# Every word an option, key word or answer can be: the testbed's tokenizer makes each one token.
+VOCABULARY: tuple[str, ...] = (*COLOUR_NAMES, *SHAPES, *NUMBER_WORDS, *RELATIONS)
 MAX_COUNT = 7
 CROP_PAD = 4  # px of context around the evidence in the crop
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "vision": 3}
@@ -63,7 +74,7 @@ class TestbedConfig:
     @property
     def grid(self) -> int:
         """Cells per side (one per merged image token)."""
-        return scenes.grid_size(self.image_size)
+        return grid_size(self.image_size)
 
     def split_size(self, split: str) -> int:
         """Number of items in a split."""
@@ -217,7 +228,7 @@ def _fill(cfg, rng, specs, n, ok=lambda s: True, colours=COLOUR_NAMES, shapes=SH
     """Add random distractor specs (accepted by `ok`) until there are `n`."""
     specs = list(specs)
     while len(specs) < n:
-        s = scenes.random_spec(rng, _digit_prob(cfg), colours, shapes)
+        s = random_spec(rng, _digit_prob(cfg), colours, shapes)
         if ok(s):
             specs.append(s)
     return specs
@@ -226,8 +237,8 @@ def _fill(cfg, rng, specs, n, ok=lambda s: True, colours=COLOUR_NAMES, shapes=SH
 def _place_all(cfg, rng, specs, cells=None) -> list[SceneObject]:
     """Put specs into cells (random distinct ones unless given)."""
     cells = list(cells or [])
-    cells += scenes.random_cells(rng, cfg.grid, len(specs) - len(cells), set(cells))
-    return [scenes.place(rng, s, c) for s, c in zip(specs, cells)]
+    cells += random_cells(rng, cfg.grid, len(specs) - len(cells), set(cells))
+    return [place(rng, s, c) for s, c in zip(specs, cells)]
 
 
 def _others(rng, pool, exclude, k: int) -> list[str]:
@@ -283,7 +294,7 @@ def _count(cfg, rng) -> dict:
     """How many <colour> objects? The count (0-7) is drawn first, so answers are balanced."""
     colour = COLOUR_NAMES[rng.integers(6)]
     k = int(rng.integers(0, min(MAX_COUNT, cfg.grid * cfg.grid) + 1))
-    specs = [scenes.random_spec(rng, _digit_prob(cfg), (colour,)) for _ in range(k)]
+    specs = [random_spec(rng, _digit_prob(cfg), (colour,)) for _ in range(k)]
     rest = tuple(c for c in COLOUR_NAMES if c != colour)
     objs = _place_all(cfg, rng, _fill(cfg, rng, specs, _n_objects(cfg, rng, k), colours=rest))
     word = NUMBER_WORDS[k]
@@ -348,7 +359,7 @@ def make_item(config: TestbedConfig, split: str, family: str, index: int) -> Ite
     facts = {k: d["facts"].get(k) for k in FACT_KEYS}
     bboxes = [list(o.bbox) for o in d["evidence"]]
     box = crop_box(bboxes, config.image_size)
-    image = scenes.render(objs, config.image_size)
+    image = render(objs, config.image_size)
     crop = image.crop(tuple(box)).resize((config.crop_size, config.crop_size), Image.BICUBIC)
     return Item(id=f"{split}-{family}-{index:05d}", split=split, family=family,
                 question=d["question"], options=options, answer=LETTERS[options.index(d["answer"])],
@@ -369,7 +380,7 @@ def make_scene(config: TestbedConfig, index: int) -> tuple[list[SceneObject], Im
     rng = np.random.default_rng([config.seed, _SPLIT_CODE["vision"], index])
     specs = _fill(config, rng, [], _n_objects(config, rng, 1))
     objs = sorted(_place_all(config, rng, specs), key=lambda o: o.cell)
-    return objs, scenes.render(objs, config.image_size)
+    return objs, render(objs, config.image_size)
 
 
 def cell_labels(item_or_objects, grid: int) -> dict[str, np.ndarray]:

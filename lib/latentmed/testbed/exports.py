@@ -30,9 +30,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from .paths import ensure_writable
+from ..paths import ensure_writable
 from .dataset import GENERATOR_VERSION, Testbed
-from .testbed import LETTERS, Item
+from .items import LETTERS, Item
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."

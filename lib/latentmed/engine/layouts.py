@@ -34,34 +34,26 @@ Position conventions (the engine relies on them):
   option token generated after the segment" finds the answer. The answer is followed by the
   tokenizer's end-of-turn token (``<|im_end|>``), so free generation stops there.
 
-`latent_source(spec)` says where a method's latents come from at run time: ``"hidden"`` (the
-model's own fed-back states), ``"evidence_crop"`` (positive control: the vision tower's merged
-tokens of the evidence crop) or ``"constant"`` (negative control: the fixed tensor stored in the
-checkpoint's `CONSTANT_FILE`). `prompt_image(item, spec)` is the image the prompt shows (the
-positive control sees a degraded one).
+Where a method's latents come from at run time and which image its prompt shows are fields of
+its spec (`LatentSpec.latent_source`, `LatentSpec.prompt_image`); `degrade` is the positive
+control's degraded image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 
-from . import answers
+from .answers import option_token_ids as first_token_ids
 
 LETTERS = "ABCD"
 IMAGE_SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
-CONSTANT_FILE = "latent_constant.safetensors"  # negative control's latents, key "latent" [K, H]
 DEGRADE_PX = 56  # positive control: the main image is box-averaged to this side and back
 # id written at latent slots when a spec has no pad token of its own (LVR's released loop
 # writes whatever was sampled; we keep a plain, deterministic id)
 DEFAULT_SLOT_TOKEN = {"<|lvr_start|>": "<|lvr|>", "<abs_vis_token>": "<abs_vis_token_pad>",
                       "<|latent_start|>": "<|latent_pad|>"}
-
-POSITIVE_CONTROL = "positive-control"
-NEGATIVE_CONTROL = "negative-control"
-
 
 def _field(item, name: str, default=None):
     """Read a field from an `Item`, a dict or any object with attributes."""
@@ -158,18 +150,7 @@ def option_token_ids(tokenizer, options) -> list[int]:
     bad = [w for w in options if len(tokenizer.encode(answer_text(w), add_special_tokens=False)) != 1]
     if bad:
         raise ValueError(f"options {bad} are not single tokens in this tokenizer")
-    return answers.option_token_ids(tokenizer, list(options), leading_space=True)
-
-
-def latent_source(spec) -> str:
-    """Where the method's latents come from: 'hidden', 'evidence_crop', 'constant' or 'none'."""
-    if not spec.has_latents:
-        return "none"
-    if spec.method == POSITIVE_CONTROL:
-        return "evidence_crop"
-    if spec.method == NEGATIVE_CONTROL:
-        return "constant"
-    return "hidden"
+    return first_token_ids(tokenizer, list(options), leading_space=True)
 
 
 def degrade(image: Image.Image, side: int = DEGRADE_PX) -> Image.Image:
@@ -178,25 +159,9 @@ def degrade(image: Image.Image, side: int = DEGRADE_PX) -> Image.Image:
     return image.convert("RGB").resize((side, side), Image.BOX).resize((w, h), Image.NEAREST)
 
 
-def prompt_image(item, spec) -> Image.Image:
-    """The image the prompt shows for this method."""
-    image = _require(item, "image", "the prompt shows the scene")
-    return degrade(image) if spec is not None and spec.method == POSITIVE_CONTROL else image
-
-
 def evidence_crop(item) -> Image.Image:
     """The evidence crop (Monet's auxiliary image, Mirage's helper image, the positive control)."""
     return _require(item, "crop", "this method uses the evidence crop")
-
-
-def load_constant(folder: str | Path):
-    """The negative control's constant latents [K, H] from a checkpoint folder."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / CONSTANT_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the negative control's constant latents are missing")
-    return load_file(str(path))["latent"]
 
 
 @dataclass(frozen=True)

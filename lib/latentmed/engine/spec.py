@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
+
+from ..files import atomic_write_text
 
 Placement = Literal["overwrite_start", "after_start", "text", "none"]
 # force_after_k: K latents, then the end token is forced (Monet vLLM, our testbed latents).
@@ -21,8 +23,18 @@ Placement = Literal["overwrite_start", "after_start", "text", "none"]
 EndRule = Literal["force_after_k", "after_k_sample", "model_or_cap"]
 AnswerFormat = Literal["boxed", "answer_tag", "letter", "word"]
 # chat: the checkpoint's chat template (real models); testbed: the zoo's layout from
-# `latentmed.layouts` (options, question with its key words last, segment, key words, answer).
+# `latentmed.engine.layouts` (options, question with its key words last, segment, key words, answer).
 Template = Literal["chat", "testbed"]
+# Where the vector fed at a latent slot comes from: the model's own final hidden state of the
+# previous position (every real method), the vision tower's merged tokens of the evidence crop
+# (the testbed's positive control) or a constant stored with the checkpoint (negative control).
+LatentSource = Literal["hidden", "evidence_crop", "constant"]
+# What the prompt shows: the scene, or the scene box-averaged to 56 px and back (positive control).
+PromptImage = Literal["scene", "degraded"]
+# What positions after a segment may attend to: everything (the usual causal mask), or only the
+# segment (start marker, slots, end marker) and later positions: a bottleneck that closes every
+# route from the image to the answer around the latents.
+AfterSegment = Literal["all", "segment"]
 
 SPEC_FILE = "latent_spec.json"
 LETTERS = "ABCDEFGH"
@@ -71,6 +83,12 @@ class LatentSpec:
     max_segments: int | None = None  # segments a run may open (None: any number, as Monet/LVR)
     option_tokens: Literal["letter", "word"] = "letter"  # what scores an option: its letter or word
     template: Template = "chat"
+    latent_source: LatentSource = "hidden"
+    prompt_image: PromptImage = "scene"
+    after_segment: AfterSegment = "all"
+
+    def __post_init__(self) -> None:
+        _validate(self)
 
     @property
     def has_latents(self) -> bool:
@@ -141,19 +159,57 @@ class LatentSpec:
         return cls(**d)
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / SPEC_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return atomic_write_text(Path(folder) / SPEC_FILE, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> "LatentSpec":
         path = Path(folder) / SPEC_FILE
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise ValueError("expected a JSON object")
+            return cls.from_dict(d)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no latent spec in this checkpoint folder") from None
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: invalid latent spec ({exc})") from exc
+
+
+_CHOICES = {"placement": Placement, "end_rule": EndRule, "answer_format": AnswerFormat, "template": Template,
+            "latent_source": LatentSource, "prompt_image": PromptImage, "after_segment": AfterSegment,
+            "option_tokens": Literal["letter", "word"]}
+
+
+def _validate(s: LatentSpec) -> None:
+    """Every field has the type and range the decode loop relies on; the message names it."""
+    def bad(name: str, msg: str):
+        raise ValueError(f"LatentSpec({s.method!r}).{name}: {msg}")
+
+    if not isinstance(s.method, str) or not s.method:
+        bad("method", f"must be a non-empty string, got {s.method!r}")
+    for name, lit in _CHOICES.items():
+        allowed = get_args(lit)
+        if getattr(s, name) not in allowed:
+            bad(name, f"must be one of {', '.join(map(repr, allowed))}, got {getattr(s, name)!r}")
+    for name in ("n_latents", "max_latents"):
+        v = getattr(s, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            bad(name, f"must be an integer >= 0, got {v!r}")
+    if s.max_segments is not None and (not isinstance(s.max_segments, int) or s.max_segments < 0):
+        bad("max_segments", f"must be None or an integer >= 0, got {s.max_segments!r}")
+    for name in ("start_token", "end_token", "pad_token", "head", "system_prompt"):
+        v = getattr(s, name)
+        if v is not None and not isinstance(v, str):
+            bad(name, f"must be a string or None, got {v!r}")
+    for name in ("user_suffix", "assistant_prefix"):
+        if not isinstance(getattr(s, name), str):
+            bad(name, f"must be a string, got {getattr(s, name)!r}")
+    if s.placement != "none" and (s.start_token is None or s.end_token is None):
+        bad("placement", f"{s.placement!r} needs a start_token and an end_token")
+    if s.latent_source != "hidden" and s.placement not in ("overwrite_start", "after_start"):
+        bad("latent_source", f"{s.latent_source!r} needs a latent placement, not {s.placement!r}")
+    if s.after_segment == "segment" and s.placement == "none":
+        bad("after_segment", "a bottleneck after the segment needs a segment (placement is 'none')")
 
 
 def _as_list(x) -> list:

@@ -11,7 +11,7 @@ import altair as alt
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from . import scenes
+from ..testbed import scenes
 
 THEME = "latentmed"
 WIDTH, HEIGHT = 320, 200

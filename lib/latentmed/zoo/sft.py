@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny import image_processor
-from .train import check_tokenizer_matches
+from ..engine.checkpoint import check_tokenizer, read_config, weight_files
+from ..engine.tiny import image_processor
 
 
 def sft_examples(samples: list[dict], tok, processor, image_root: str | Path) -> list[dict]:
@@ -25,7 +25,7 @@ def sft_examples(samples: list[dict], tok, processor, image_root: str | Path) ->
     """
     from PIL import Image
 
-    from .inputs import encode
+    from ..engine.inputs import encode
 
     image_root = Path(image_root)
     out = []
@@ -95,19 +95,24 @@ def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_roo
     trains on one device (`lora=True` for one GPU), launched with `accelerate launch` (e.g.
     configs/accelerate/fsdp.yaml) it trains data-parallel/FSDP. Returns the trainer's metrics.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration, Trainer, TrainingArguments
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Trainer,
+        TrainingArguments,
+    )
 
+    from ..engine.tokenizer import load_tokenizer
     from .captioner import load_interleaved
-    from .tokenizer import load_tokenizer
 
     model_path, data = Path(model_path), Path(data)
     tok = load_tokenizer(model_path)
+    check_tokenizer(model_path, read_config(model_path), tok)
+    weight_files(model_path)
     processor = image_processor()
     examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(model_path), use_safetensors=True, local_files_only=True,
         dtype=torch.bfloat16 if bf16 else torch.float32)
-    check_tokenizer_matches(model, tok, model_path)
     if freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)

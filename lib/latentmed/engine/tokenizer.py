@@ -15,9 +15,6 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .scenes import COLOUR_NAMES, SHAPES
-from .testbed import NUMBER_WORDS, RELATIONS
-
 # Qwen2.5-VL's added tokens, in id order (151643 ... 151664 in the real vocabulary).
 QWEN_SPECIAL = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -62,17 +59,18 @@ PROMPT_TEXT = [
 ]
 
 
-def corpus() -> list[str]:
-    """Sentences that make every testbed word (with and without a leading space) one token."""
-    words = [*COLOUR_NAMES, *SHAPES, *NUMBER_WORDS, *RELATIONS, *"ABCDE"]
+def corpus(words=()) -> list[str]:
+    """Sentences that make each of `words` and the option letters (with and without a leading
+    space) one token; the testbed passes its vocabulary (`latentmed.testbed.VOCABULARY`)."""
+    words = [*dict.fromkeys([*words, *"ABCDE"])]
     lines = list(PROMPT_TEXT)
     lines += [f"{a} {b}" for a, b in product(words, words)]
     lines += [f"{w}\n{w}.{w}?" for w in words]
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train the BPE on `corpus()` and wrap it with Qwen's special tokens and chat template."""
+def build_tokenizer(words=(), vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train the BPE on `corpus(words)` and wrap it with Qwen's special tokens and chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -80,7 +78,7 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(corpus() * 4, trainer=trainer)
+    tok.train_from_iterator(corpus(words) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None)
     # Special tokens sit right after the BPE vocabulary, in Qwen's order, as in the real layout.
     fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})

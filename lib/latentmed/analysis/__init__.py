@@ -1,0 +1,1 @@
+"""Analysis: statistics (tests and intervals from statsmodels) and plots for the book."""

@@ -1,0 +1,100 @@
+"""Feature banks: testbed items with their merged image tokens, computed once per item.
+
+The vision tower is frozen after the base's vision stage, so training and the fast evaluation
+path run the language model only, on tokens from a `FeatureBank` (cached on disk by a hash of
+the tower's weights, the testbed config, the split, the counts and the kind of image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from ..engine import layouts
+from ..engine.tiny import image_processor
+from ..files import atomic_save_tensors, settings_hash, state_hash
+from ..testbed.items import TestbedConfig, make_item
+
+
+def pixel_inputs(images, processor):
+    out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+@torch.no_grad()
+def tower_tokens(model, images, processor=None, batch_size: int = 32) -> torch.Tensor:
+    """Merged image tokens [N, T, H] of same-size images, as the model scatters them."""
+    processor = processor or image_processor()
+    out = []
+    for i in range(0, len(images), batch_size):
+        pv, grid = pixel_inputs(images[i:i + batch_size], processor)
+        feats = model.model.visual(pv, grid_thw=grid).pooler_output
+        out.append(feats.view(len(grid), -1, feats.shape[-1]))
+    return torch.cat(out)
+
+
+@dataclass
+class FeatureBank:
+    """Items of one split with their merged image tokens (the tower is frozen)."""
+
+    items: list  # Item (images dropped to save memory)
+    main: torch.Tensor  # [N, T, H] tokens of the scene
+    crop: torch.Tensor | None = None  # [N, Tc, H] tokens of the evidence crop
+    degraded: torch.Tensor | None = None  # [N, T, H] tokens of the degraded scene
+    grid: tuple = (1, 16, 16)
+    crop_grid: tuple = (1, 4, 4)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def family_index(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, it in enumerate(self.items):
+            out.setdefault(it.family, []).append(i)
+        return out
+
+
+def build_bank(model, config: TestbedConfig, split: str, per_family: int | dict, kinds=("main",),
+               cache_dir: Path | None = None, progress: bool = True, offset: int = 0) -> FeatureBank:
+    """Make items (`make_item`) and compute their tower tokens, each kind cached on disk.
+
+    kinds: "main" (the scene), "crop" (the evidence crop), "degraded" (the scene box-averaged
+    to 56 px and back). The cache key is a hash of the tower's weights, the testbed config,
+    the split, the item counts and the kind.
+    """
+    counts = per_family if isinstance(per_family, dict) else {f: per_family for f in config.families}
+    keys = [(f, offset + i) for f in config.families for i in range(counts.get(f, 0))]
+    base_key = dict(tower=state_hash(model.model.visual), config=config.to_dict(), split=split, counts=counts,
+                    offset=offset)
+    paths = {k: (Path(cache_dir) / f"bank-{split}-{k}-{settings_hash(dict(base_key, kind=k))}.safetensors"
+                 if cache_dir else None) for k in kinds}
+    tensors = {k: load_file(str(p))["tokens"] for k, p in paths.items() if p is not None and p.exists()}
+    todo = [k for k in kinds if k not in tensors]
+    processor = image_processor()
+    parts: dict[str, list] = {k: [] for k in todo}
+    items, chunk = [], 64
+    bar = tqdm(total=len(keys), desc=f"tower tokens {split} {'+'.join(todo)}", disable=not progress or not todo,
+               leave=False)
+    for s in range(0, len(keys), chunk):
+        part = [make_item(config, split, f, i) for f, i in keys[s:s + chunk]]
+        for k in todo:
+            imgs = {"main": lambda it: it.image, "crop": lambda it: it.crop,
+                    "degraded": lambda it: layouts.degrade(it.image)}[k]
+            parts[k].append(tower_tokens(model, [imgs(it) for it in part], processor))
+        for it in part:
+            it.image = it.crop = None
+        items.extend(part)
+        bar.update(len(part))
+    bar.close()
+    for k in todo:
+        tensors[k] = torch.cat(parts[k]) if parts[k] else torch.zeros(0)
+        if paths[k] is not None:
+            paths[k].parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors({"tokens": tensors[k].contiguous()}, paths[k])
+    g = config.grid * 2
+    return FeatureBank(items, tensors.get("main"), tensors.get("crop"), tensors.get("degraded"), (1, g, g),
+                       (1, config.crop_size // 14, config.crop_size // 14))

@@ -1,0 +1,303 @@
+"""Training the zoo: the shared base once, then each method from it; skip what is trained.
+
+`train_zoo` trains the base, then the methods, and skips any model whose folder already holds a
+finished checkpoint with the same settings (a hash of `recipes.settings` in its zoo.json) and
+the weights that checkpoint recorded. Every checkpoint folder is in the real layout
+(safetensors, tokenizer, preprocessor, latent_spec.json) that `LatentReasoner` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..engine import checkpoint
+from ..engine.spec import LatentSpec
+from ..engine.tiny import save_checkpoint, tiny_config, tiny_model
+from ..engine.tokenizer import build_tokenizer
+from ..files import (
+    atomic_save_tensors,
+    atomic_write_json,
+    file_hash,
+    is_owned,
+    mark_owned,
+    remove_owned,
+    replace_folder,
+    set_threads,
+    settings_hash,
+)
+from ..paths import data_dir, models_dir
+from ..testbed.items import VOCABULARY, TestbedConfig
+from .bank import FeatureBank, build_bank
+from .loop import StageConfig
+from .recipes import BASE, BUDGETS, METHODS, SPECS, method_stages, settings
+from .stages import (
+    freeze_and_rescale_tower,
+    reinit_language_model,
+    train_stage,
+    vision_stage,
+)
+
+ZOO_FILE = "zoo.json"
+CHECKPOINT = "checkpoint"  # marker kind of the folders this module writes
+RUNS = "runs"  # marker kind of the resumable training state under <zoo>/_runs
+
+
+def is_trained(folder: Path, want_hash: str) -> bool:
+    """A finished checkpoint with the wanted settings whose weights are the ones it recorded."""
+    f = Path(folder) / ZOO_FILE
+    if not f.exists():
+        return False
+    try:
+        info = json.loads(f.read_text())
+        checkpoint.weight_files(Path(folder))
+    except (ValueError, OSError):
+        return False
+    if info.get("hash") != want_hash or not info.get("complete", False):
+        return False
+    return info.get("weights_hash") == file_hash(Path(folder) / "model.safetensors")
+
+
+def read_info(folder: str | Path) -> dict:
+    path = Path(folder) / ZOO_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a zoo checkpoint (no {ZOO_FILE})")
+    return json.loads(path.read_text())
+
+
+def testbed_config(path: Path | None = None) -> TestbedConfig:
+    """The testbed config of the on-disk dataset (manifest.json), else the default config."""
+    path = Path(path) if path else data_dir() / "testbed"
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        d = json.loads(manifest.read_text())
+        d = d.get("config", d)
+        try:
+            return TestbedConfig.from_dict(d)
+        except TypeError as exc:
+            raise ValueError(f"{manifest}: not a testbed manifest ({exc})") from exc
+    return TestbedConfig()
+
+
+def _concat_curves(folder: Path, stage_dirs: list[Path]) -> None:
+    frames = [pd.read_csv(d / "curves.csv") for d in stage_dirs if (d / "curves.csv").exists()]
+    if frames:
+        pd.concat(frames, ignore_index=True).to_csv(folder / "curves.csv", index=False)
+
+
+def _finish(folder: Path, model, tok, spec: LatentSpec, info: dict, constant=None, curves=()) -> None:
+    """Write the checkpoint into `<folder>.partial`, then swap it in: a kill never leaves a
+    folder that looks finished but is not (zoo.json, written last, names the weights' hash)."""
+    from transformers.utils import logging as hf_logging
+
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        remove_owned(tmp, CHECKPOINT)
+    mark_owned(tmp, CHECKPOINT)
+    model.config._attn_implementation = "sdpa"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    save_checkpoint(tmp, model, tok)
+    if bars:
+        hf_logging.enable_progress_bar()
+    spec.save(tmp)
+    _concat_curves(tmp, list(curves))
+    if constant is not None:
+        atomic_save_tensors({"latent": constant}, tmp / checkpoint.CONSTANT_FILE)
+    info["weights_hash"] = file_hash(tmp / "model.safetensors")
+    info["complete"] = True
+    atomic_write_json(tmp / ZOO_FILE, info)
+    if folder.exists() and not is_owned(folder) and (folder / ZOO_FILE).exists():
+        mark_owned(folder, CHECKPOINT)  # a checkpoint of an earlier version of this code
+    replace_folder(tmp, folder, CHECKPOINT)
+
+
+class Zoo:
+    """Trains and loads the models of one zoo folder; shares the feature banks between them."""
+
+    def __init__(self, root: Path | None = None, budget: str = "default", seed: int = 0,
+                 config: TestbedConfig | None = None, progress: bool = True, model_size: str = "testbed"):
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}; known: {', '.join(BUDGETS)}")
+        self.root = Path(root) if root else models_dir() / "zoo"
+        self.budget, self.seed, self.progress = budget, seed, progress
+        self.config = config or testbed_config()
+        self.banks: dict[str, FeatureBank] = {}
+        self.model_size = model_size
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def bank(self, model, split: str, kinds=("main", "crop"), pool: str = "pool") -> FeatureBank:
+        """Train pool or validation items with tower tokens of `kinds` (computed once, cached)."""
+        b = BUDGETS[self.budget]
+        n = b[pool] if split == "train" else b["val"]
+        if split == "val" and self.config.n_val:
+            n = min(n, max(1, self.config.n_val // len(self.config.families)))
+        key = (split, tuple(sorted(kinds)), n)
+        if key not in self.banks:
+            self.banks[key] = build_bank(model, self.config, split, n, kinds=tuple(sorted(kinds)),
+                                         cache_dir=self.root / "_features", progress=self.progress)
+        return self.banks[key]
+
+    def runs(self, name: str, h: str, force: bool) -> Path:
+        """The resumable training state of model `name` with settings hash `h` (cleared by force)."""
+        path = self.root / "_runs" / f"{name}-{h}"
+        if force and path.exists():
+            remove_owned(path, RUNS)
+        return mark_owned(path, RUNS)
+
+    # ------------------------------------------------------------ base
+    def train_base(self, force: bool = False) -> dict:
+        folder = self.folder(BASE)
+        s = settings(BASE, self.budget, self.seed, self.config)
+        s["model_size"] = self.model_size
+        h = settings_hash(s)
+        if not force and is_trained(folder, h):
+            return dict(read_info(folder), skipped=True)
+        t0 = _start()
+        runs = self.runs(BASE, h, force)
+        tok = build_tokenizer(VOCABULARY)
+        layers = BUDGETS[self.budget].get("llm_layers")
+        model = tiny_model(tiny_config(tok, self.model_size, **({"num_hidden_layers": layers} if layers else {})),
+                           seed=self.seed)
+        b = BUDGETS[self.budget]
+        vcfg = StageConfig("vision", b["vision"], batch_size=16, lr=3e-3, warmup=30, decay_start=0.7,
+                           eval_every=10**9, save_every=max(10, b["vision"] // 4), keep_best=False, seed=self.seed)
+        _, vsum = vision_stage(model, self.config, vcfg, runs / "vision", progress=self.progress)
+        scale = freeze_and_rescale_tower(model, self.config)
+        reinit_language_model(model, seed=self.seed)
+        summaries = [vsum]
+        [stage] = method_stages(BASE, self.budget, self.seed)
+        summaries.append(train_stage(model, tok, stage.plan, self.bank(model, "train", ("main",)), self.bank(model, "val", ("main",)),
+                                     stage.cfg, runs / stage.cfg.name, progress=self.progress))
+        info = dict(name=BASE, hash=h, settings=s, stages=summaries, token_scale=scale, layout="testbed",
+                    latent_source="none", seconds=round(time.perf_counter() - t0, 1))
+        _finish(folder, model, tok, SPECS[BASE], info, curves=[runs / stage.cfg.name])
+        remove_owned(runs, RUNS)
+        return info
+
+    def load_base(self):
+        folder = self.folder(BASE)
+        x = checkpoint.load(folder)
+        return x.model, x.tokenizer
+
+    # ------------------------------------------------------------ fine-tunes
+    def train_method(self, name: str, force: bool = False, base_folder: Path | None = None) -> dict:
+        if name not in SPECS:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        if name == BASE:
+            return self.train_base(force)
+        base_folder = Path(base_folder) if base_folder else self.folder(BASE)
+        base_info = read_info(base_folder) if (base_folder / ZOO_FILE).exists() else {"hash": "external"}
+        folder = self.folder(name)
+        s = settings(name, self.budget, self.seed, self.config, base_info.get("hash"))
+        h = settings_hash(s)
+        if not force and is_trained(folder, h):
+            return dict(read_info(folder), skipped=True)
+        t0 = _start()
+        runs = self.runs(name, h, force)
+        x = checkpoint.load(base_folder)
+        model, tok = x.model, x.tokenizer
+        spec = SPECS[name]
+        spec.token_ids(tok)  # a base whose tokenizer lacks the method's tokens fails here, naming it
+        stages = method_stages(name, self.budget, self.seed)
+        kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
+        pool = "pool_pc" if name == "positive-control" else "pool"
+        train_bank, val_bank = self.bank(model, "train", kinds, pool), self.bank(model, "val", kinds)
+        constant = None
+        if spec.latent_source == "constant":
+            g = torch.Generator().manual_seed(self.seed + 7)
+            constant = torch.randn(spec.n_latents, model.config.text_config.hidden_size, generator=g)
+            constant = constant / constant.norm(dim=-1, keepdim=True)  # word-embedding scale
+        done: dict[str, torch.nn.Module] = {}
+        summaries, dirs = [], []
+        for stage in method_stages(name, self.budget, self.seed):
+            teacher = done.get(stage.teacher) if stage.teacher else None
+            teacher_plan = None
+            if stage.teacher:
+                teacher_plan = next(st.plan for st in method_stages(name, self.budget, self.seed)
+                                    if st.cfg.name == stage.teacher)
+            summaries.append(train_stage(model, tok, stage.plan, train_bank, val_bank, stage.cfg,
+                                         runs / stage.cfg.name, teacher=teacher, teacher_plan=teacher_plan,
+                                         constant=constant, progress=self.progress))
+            dirs.append(runs / stage.cfg.name)
+            if any(st.teacher == stage.cfg.name for st in method_stages(name, self.budget, self.seed)):
+                frozen = copy.deepcopy(model).eval()
+                for p in frozen.parameters():
+                    p.requires_grad_(False)
+                done[stage.cfg.name] = frozen
+        info = dict(name=name, hash=h, settings=s, stages=summaries, layout="testbed",
+                    latent_source=spec.latent_source, base=str(base_folder.name),
+                    seconds=round(time.perf_counter() - t0, 1))
+        _finish(folder, model, tok, spec, info, constant, curves=dirs)
+        remove_owned(runs, RUNS)
+        return info
+
+
+def _start() -> float:
+    """Pin the thread count, start the clock."""
+    set_threads()
+    return time.perf_counter()
+
+
+def train_zoo(root: str | Path | None = None, budget: str = "default", methods=None, seed: int = 0,
+              force: bool = False, config: TestbedConfig | None = None, progress: bool = True,
+              model_size: str = "testbed"):
+    """Train the base and the methods (skipping what is trained with the same settings).
+
+    Returns a DataFrame: model, seconds (of this run; 0 when skipped), trained_seconds (as
+    recorded when it was trained), skipped, best validation accuracy.
+    """
+    zoo = Zoo(Path(root) if root else None, budget, seed, config, progress, model_size)
+    names = list(methods) if methods else list(METHODS)
+    for n in names:
+        if n not in SPECS:
+            raise ValueError(f"unknown method {n!r}; known: {', '.join(METHODS)}")
+    if BASE not in names:
+        names = [BASE] + names
+    rows = []
+    for n in [BASE] + [m for m in names if m != BASE]:
+        t0 = time.perf_counter()
+        info = zoo.train_method(n, force=force and n in (methods or METHODS))
+        last = info["stages"][-1]
+        rows.append(dict(model=n, seconds=round(time.perf_counter() - t0, 1), trained_seconds=info["seconds"],
+                         skipped=info.get("skipped", False), best_val=last.get("best_val")))
+        print(f"[zoo] {n}: {'skipped (same settings)' if info.get('skipped') else 'trained'} "
+              f"in {rows[-1]['trained_seconds']:.0f} s, validation accuracy {rows[-1]['best_val']:.3f}")
+    return pd.DataFrame(rows)
+
+
+def training_times(root: str | Path | None = None) -> "pd.DataFrame":
+    """Per trained model: training seconds (as recorded), stages, steps, best validation accuracy."""
+    root = Path(root) if root else models_dir() / "zoo"
+    rows = []
+    for m in METHODS:
+        if (root / m / ZOO_FILE).exists():
+            info = read_info(root / m)
+            stages = info["stages"]
+            rows.append(dict(model=m, seconds=info["seconds"], stages=" + ".join(st["stage"] for st in stages),
+                             steps=sum(st["steps"] for st in stages), best_val=stages[-1].get("best_val")))
+    return pd.DataFrame(rows)
+
+
+def learning_curves(root: str | Path | None = None) -> "pd.DataFrame":
+    """All models' learning curves (curves.csv) with `model` and a running `step_total`."""
+    root = Path(root) if root else models_dir() / "zoo"
+    frames = []
+    for m in METHODS:
+        path = root / m / "curves.csv"
+        if path.exists():
+            df = pd.read_csv(path)
+            offsets, total = {}, 0
+            for st in pd.unique(df["stage"]):
+                offsets[st] = total
+                total += int(df.loc[df["stage"] == st, "step"].max())
+            df["step_total"] = df["step"] + df["stage"].map(offsets)
+            frames.append(df.assign(model=m))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,74 @@
+"""The training-side forward: teacher-forced, with the latent segment run as a fed-back loop.
+
+A latent segment is a differentiable loop over an explicit KV cache: the final post-norm hidden
+state of the previous position is fed back as the next input embedding (gradients flow through
+the cache), or the slots are filled from outside (the controls' crop tokens or constants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .batching import Batch, Plan
+
+
+@dataclass
+class Out:
+    hidden: torch.Tensor  # [B, L', H] final post-norm hidden states
+    z_in: torch.Tensor | None  # [B, K, H] vectors written at the latent slots
+    attn: tuple | None  # per layer [B, heads, L, L] attention weights of the prefix
+    attn_parts: list = field(default_factory=list)  # (first query position, per-layer attentions)
+
+
+def embed(model, batch: Batch) -> torch.Tensor:
+    emb = model.model.get_input_embeddings()(batch.ids)
+    mask = (batch.ids == model.config.image_token_id)
+    emb = emb.masked_scatter(mask.unsqueeze(-1), batch.image_feats.to(emb.dtype))
+    return emb
+
+
+def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, need_attn: bool = False,
+            layer_hidden: bool = False) -> Out:
+    """Teacher-forced forward; latent slots are filled from `fill` or by the fed-back loop."""
+    lm = model.model.language_model
+    emb = embed(model, batch)
+    pos, am = batch.position_ids, batch.attention_mask
+    K, s0 = batch.n_latents, batch.slot_start
+    kw = dict(output_attentions=True) if need_attn else {}
+    if K == 0 or plan.latent_fill != "hidden":
+        z = None
+        if K > 0:
+            z = fill.to(emb.dtype)
+            emb = torch.cat([emb[:, :s0], z, emb[:, s0 + K:]], dim=1)
+        out = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, **kw)
+        att = out.attentions if need_attn else None
+        return Out(out.last_hidden_state, z, att, [(0, att)] if need_attn else [])
+    cache = DynamicCache(config=lm.config)
+    out = lm(inputs_embeds=emb[:, :s0], position_ids=pos[:, :, :s0], attention_mask=am[:, :s0], cache=cache,
+             use_cache=True, **kw)
+    attn = out.attentions if need_attn else None
+    hs = [out.last_hidden_state]
+    h = out.last_hidden_state[:, -1:]
+    zs = []
+    for k in range(K):
+        zs.append(h)
+        o = lm(inputs_embeds=h, position_ids=pos[:, :, s0 + k:s0 + k + 1], attention_mask=am[:, :s0 + k + 1],
+               cache=cache, use_cache=True)
+        h = o.last_hidden_state
+        hs.append(h)
+    parts = [(0, attn)] if need_attn else []
+    if emb.shape[1] > s0 + K:
+        o = lm(inputs_embeds=emb[:, s0 + K:], position_ids=pos[:, :, s0 + K:], attention_mask=am, cache=cache,
+               use_cache=True, **kw)
+        hs.append(o.last_hidden_state)
+        if need_attn:
+            parts.append((s0 + K, o.attentions))
+    return Out(torch.cat(hs, dim=1), torch.cat(zs, dim=1), attn, parts)
+
+
+def logits_at(model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """lm_head at one position per row: [B, V]."""
+    return model.lm_head(hidden[torch.arange(hidden.shape[0]), positions])
