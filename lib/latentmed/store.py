@@ -1,0 +1,187 @@
+"""The results store: one tidy row per (model, item, condition), written as it is computed.
+
+Every chapter of the study (and the real track) writes its measurements here. A store is a
+folder; each *run* of it is identified by a key that holds the model's checkpoint hash and the
+code's parameters, so a changed model or a changed setting is recomputed and an unchanged one is
+reused. Rows are appended to `<run>/rows.jsonl` one whole line at a time (flushed and synced), a
+line cut by a kill is dropped when the run is reopened, and a row whose (item, condition) is
+already there is never written twice: a killed notebook resumes where it stopped and neither
+loses nor duplicates a row. Tensors (latents, hidden states) go to a safetensors sidecar per
+batch, written before the rows that point to it, and are read back by row.
+
+    store = ResultsStore(results_dir() / "study")
+    run = store.run("monet-style", model_hash, params={"chapter": 4, "n": 200})
+    todo = run.missing([(item_id, condition) for ...])
+    run.add(rows, tensors={row_index: {"z_in": z}})
+    df = store.frame()                       # every current row, as a pandas frame
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .files import DamagedFileError, atomic_save_tensors, atomic_write_json, load_tensors, settings_hash
+
+ROWS = "rows.jsonl"
+RUN = "run.json"
+KEY_FIELDS = ("item", "condition")
+
+
+class Run:
+    """The rows of one (model, model hash, parameters) run in a store."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+        self.path = self.folder / ROWS
+        self._keys: set[tuple] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    def _repair(self) -> None:
+        """Drop a last line cut by a kill (it has no newline or is not valid JSON)."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if not data:
+            return
+        keep = data if data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
+        lines = keep.splitlines(keepends=True)
+        while lines:
+            try:
+                json.loads(lines[-1])
+                break
+            except json.JSONDecodeError:
+                lines.pop()
+        keep = b"".join(lines)
+        if keep != data:
+            with open(self.path, "r+b") as f:
+                f.truncate(len(keep))
+
+    def rows(self) -> list[dict]:
+        """Every complete row of this run (a malformed line inside the file is an error naming it)."""
+        self._repair()
+        if not self.path.exists():
+            return []
+        out = []
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DamagedFileError(f"{self.path} line {n}: not a JSON row ({exc})") from exc
+        return out
+
+    def keys(self) -> set[tuple]:
+        if self._keys is None:
+            self._keys = {tuple(r[k] for k in KEY_FIELDS) for r in self.rows()}
+        return self._keys
+
+    def missing(self, keys) -> list[tuple]:
+        """The (item, condition) keys not yet stored, in the order given."""
+        have = self.keys()
+        return [k for k in keys if tuple(k) not in have]
+
+    def add(self, rows: list[dict], tensors: dict[int, dict[str, torch.Tensor]] | None = None) -> int:
+        """Append rows (each with "item" and "condition"); rows already stored are skipped.
+        `tensors` maps a row's index in `rows` to named tensors for the sidecar. Returns the
+        number of rows written."""
+        have = self.keys()
+        new, seen = [], set()
+        for i, r in enumerate(rows):
+            missing = [k for k in KEY_FIELDS if k not in r]
+            if missing:
+                raise ValueError(f"{self.path}: a row needs {', '.join(missing)}; got {sorted(r)}")
+            k = tuple(r[f] for f in KEY_FIELDS)
+            if k in have or k in seen:
+                continue
+            seen.add(k)
+            new.append((i, dict(r)))
+        if not new:
+            return 0
+        if tensors:
+            flat = {f"{j}/{name}": t for j, (i, _) in enumerate(new) for name, t in (tensors.get(i) or {}).items()}
+            if flat:
+                side = f"t-{settings_hash(sorted((r['item'], r['condition']) for _, r in new))}.safetensors"
+                atomic_save_tensors(flat, self.folder / side)
+                for j, (i, r) in enumerate(new):
+                    if tensors.get(i):
+                        r["tensors"] = f"{side}#{j}"
+        self._repair()
+        with open(self.path, "a") as f:
+            for _, r in new:
+                f.write(json.dumps(r, separators=(",", ":"), default=_plain) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        have.update(tuple(r[f] for f in KEY_FIELDS) for _, r in new)
+        return len(new)
+
+    def tensors(self, row: dict) -> dict[str, torch.Tensor]:
+        """The named tensors stored with `row` (empty when it has none)."""
+        ref = row.get("tensors")
+        if not isinstance(ref, str):
+            return {}
+        file, j = ref.split("#")
+        flat = load_tensors(self.folder / file, "results tensors")
+        prefix = f"{j}/"
+        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows())
+        for k in ("model", "model_hash", "key"):
+            df[k] = self.meta[k] if len(df) else pd.Series(dtype=object)
+        return df
+
+
+def _plain(x):
+    """JSON for numpy scalars and tensors in rows."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+class ResultsStore:
+    """A folder of runs; `frame()` reads every current run as one pandas frame."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def run(self, model: str, model_hash: str, params: dict) -> Run:
+        """The run of `model` (checkpoint hash `model_hash`) with `params`; created if new."""
+        meta = dict(model=model, model_hash=model_hash, params=params)
+        key = settings_hash(meta)
+        folder = self.folder / f"{_safe(model)}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        meta["key"] = key
+        if not (folder / RUN).exists():
+            atomic_write_json(folder / RUN, meta)
+        return Run(folder, meta)
+
+    def runs(self) -> list[Run]:
+        out = []
+        for f in sorted(self.folder.glob(f"*/{RUN}")):
+            try:
+                meta = json.loads(f.read_text())
+            except json.JSONDecodeError as exc:
+                raise DamagedFileError(f"{f}: invalid run description ({exc})") from exc
+            out.append(Run(f.parent, meta))
+        return out
+
+    def frame(self, **where) -> pd.DataFrame:
+        """Rows of every run whose meta (model, or a parameter) matches `where`."""
+        frames = []
+        for run in self.runs():
+            m = {**run.meta["params"], "model": run.meta["model"]}
+            if all(m.get(k) == v for k, v in where.items()):
+                frames.append(run.frame())
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,91 @@
+"""The results store: rows appended as computed, a kill loses and duplicates nothing, runs keyed by
+the model's hash and the parameters, tensors read back by row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from latentmed.files import DamagedFileError
+from latentmed.store import ResultsStore
+
+
+def rows(items, cond="clean"):
+    return [dict(item=i, condition=cond, correct=bool(n % 2), margin=0.1 * n) for n, i in enumerate(items)]
+
+
+def test_rows_are_appended_once_and_read_as_a_frame(tmp_path):
+    run = ResultsStore(tmp_path).run("m", "h1", {"chapter": 4})
+    assert run.add(rows(["a", "b"])) == 2
+    assert run.add(rows(["a", "b", "c"])) == 1  # a and b are there already
+    assert run.missing([("a", "clean"), ("d", "clean")]) == [("d", "clean")]
+    df = ResultsStore(tmp_path).frame()
+    assert sorted(df["item"]) == ["a", "b", "c"] and set(df["model"]) == {"m"} and set(df["model_hash"]) == {"h1"}
+
+
+def test_a_changed_model_or_parameter_is_another_run(tmp_path):
+    s = ResultsStore(tmp_path)
+    a, b, c = s.run("m", "h1", {"n": 1}), s.run("m", "h2", {"n": 1}), s.run("m", "h1", {"n": 2})
+    assert len({a.key, b.key, c.key}) == 3
+    a.add(rows(["x"]))
+    assert s.run("m", "h1", {"n": 1}).missing([("x", "clean")]) == []  # reused
+    assert b.missing([("x", "clean")]) == [("x", "clean")]  # recomputed
+    assert len(s.frame(n=1)) == 1 and len(s.frame(n=2)) == 0
+
+
+def test_a_line_cut_by_a_kill_is_dropped_and_recomputed(tmp_path):
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    run.add(rows(["a", "b"]))
+    with open(run.path, "a") as f:  # a kill in the middle of writing row c
+        f.write('{"item": "c", "condition": "clean", "corr')
+    again = ResultsStore(tmp_path).run("m", "h", {})
+    assert again.missing([("a", "clean"), ("c", "clean")]) == [("c", "clean")]
+    again.add(rows(["c"]))
+    lines = run.path.read_text().splitlines()
+    assert [json.loads(x)["item"] for x in lines] == ["a", "b", "c"]
+
+
+def test_a_killed_process_resumes_without_losing_or_duplicating(tmp_path):
+    """A child process writes rows one at a time and is killed after the third; the rerun
+    completes the set."""
+    code = f"""
+import os, sys
+from latentmed.store import ResultsStore
+run = ResultsStore({str(tmp_path)!r}).run("m", "h", {{}})
+for n, item in enumerate("abcdef"):
+    if run.missing([(item, "clean")]):
+        run.add([dict(item=item, condition="clean", n=n)])
+    if item == "c" and len(sys.argv) > 1:
+        os._exit(9)
+"""
+    assert subprocess.run([sys.executable, "-c", code, "kill"]).returncode == 9
+    assert len(ResultsStore(tmp_path).frame()) == 3
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    df = ResultsStore(tmp_path).frame()
+    assert sorted(df["item"]) == list("abcdef") and df["n"].tolist() == list(range(6))
+
+
+def test_tensors_round_trip_by_row(tmp_path):
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    z = torch.randn(4, 8)
+    run.add(rows(["a", "b"]), tensors={1: {"z_in": z}})
+    got = {r["item"]: run.tensors(r) for r in run.rows()}
+    assert got["a"] == {} and torch.equal(got["b"]["z_in"], z)
+
+
+def test_damaged_files_are_named(tmp_path):
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    run.add(rows(["a", "b"]), tensors={0: {"z": torch.ones(2)}})
+    side = next(run.folder.glob("t-*.safetensors"))
+    side.write_bytes(side.read_bytes()[:20])
+    with pytest.raises(DamagedFileError, match=side.name):
+        run.tensors(run.rows()[0])
+    run.path.write_text('{"item": "a"}\nnot json\n{"item": "b", "condition": "c"}\n')
+    with pytest.raises(DamagedFileError, match="rows.jsonl line 2"):
+        run.rows()
+    with pytest.raises(ValueError, match="a row needs condition"):
+        ResultsStore(tmp_path).run("m2", "h", {}).add([{"item": "x"}])
