@@ -8,7 +8,11 @@ checked by nbval. Jupyter Book 1.x renders the stored outputs (it never re-execu
 
 from __future__ import annotations
 
+import ast
+import builtins
+import difflib
 import hashlib
+import inspect
 import json
 import subprocess
 import sys
@@ -42,6 +46,81 @@ CHAPTERS = [
     Chapter("02_zoo", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
 ]
+
+
+# Names IPython puts into a kernel's globals that are never parameters.
+_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "display"})
+_NO_DEFAULT = object()  # a default that is not a literal (an expression): any value is accepted
+
+
+def _notebook_path(notebook: str | Path) -> Path:
+    """notebooks/<notebook>.ipynb for a chapter name; a path to an .ipynb file is used as is."""
+    path = Path(notebook)
+    if path.suffix != ".ipynb":
+        path = NOTEBOOKS / f"{notebook}.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such notebook (parameters of {notebook!r})")
+    return path
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, object]:
+    """Names and default values declared in the cell tagged `parameters` of a notebook."""
+    import papermill as pm
+
+    path = _notebook_path(notebook)
+    declared = {}
+    for name, info in pm.inspect_notebook(str(path)).items():
+        try:
+            declared[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            declared[name] = _NO_DEFAULT
+    return declared
+
+
+def _type_ok(value, default) -> bool:
+    """Whether `value` may replace `default`: None defaults take anything, numbers widen to float."""
+    if default is None or default is _NO_DEFAULT:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _is_parameter_like(name: str, value) -> bool:
+    """Whether a global could be a papermill parameter (not IPython's, a module, a function or class)."""
+    if name.startswith("_") or name in _IPYTHON_NAMES or hasattr(builtins, name):
+        return False
+    return not (inspect.ismodule(value) or inspect.isclass(value) or callable(value))
+
+
+def _check(params: dict, declared: dict, where: Path) -> None:
+    """Raise a ValueError naming every unknown parameter and every value of the wrong type."""
+    problems = []
+    for name, value in params.items():
+        if name not in declared:
+            close = difflib.get_close_matches(name, list(declared), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint}")
+        elif not _type_ok(value, declared[name]):
+            default = declared[name]
+            problems.append(f"parameter {name!r} = {value!r} is a {type(value).__name__}, "
+                            f"but its default {default!r} is a {type(default).__name__}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems) +
+                         f" (declared parameters: {', '.join(declared) or 'none'})")
+
+
+def check_parameters(namespace: dict, notebook: str) -> None:
+    """Refuse a chapter run whose parameters are misspelt or of the wrong type (call it first thing
+    in a chapter with `globals()`): papermill itself only warns and runs with the defaults."""
+    path = _notebook_path(notebook)
+    declared = declared_parameters(path)
+    params = {k: v for k, v in namespace.items() if k in declared or _is_parameter_like(k, v)}
+    _check(params, declared, path)
 
 
 def available() -> list[Chapter]:
@@ -78,6 +157,7 @@ def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: 
     import papermill as pm
 
     params = dict(params or {})
+    _check(params, declared_parameters(chapter.source), chapter.source)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / chapter.source.name
     stamp_file = out_dir / f".{chapter.name}.stamp"
