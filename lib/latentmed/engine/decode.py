@@ -402,8 +402,8 @@ class Decoder:
             self._close(row, how, end_pos=None if how == "quota" else row.seq_pos, own_end=greedy == end)
             return None if how == "quota" else (end, None)
         tok = self._pick(r, row, greedy)
-        early_ok = not row.exact and spec.end_rule != "after_k_sample" and \
-            (row.k > 0 or spec.end_rule == "model_or_cap")
+        early_ok = not row.exact and spec.end_rule != "after_k_sample" and row.source is None and \
+            (row.k > 0 or spec.end_rule == "model_or_cap")  # an outside source always gives its K vectors
         if tok == end and early_ok:
             self._close(row, "model", end_pos=row.seq_pos, own_end=True)
             return end, None

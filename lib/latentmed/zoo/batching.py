@@ -38,15 +38,28 @@ class Plan:
     #   with a segment: the position that predicts the answer onto the key words and the segment,
     #   and the position that opens the latents (or predicts the caption's answer word) onto the
     #   key words (where the evidence sits after layer 1)
-    evidence_in: str = "image"  # where the restated key words' attention is sent: image | slots
+    evidence_in: str = "image"  # image: every key word attends to the evidence cells; slots: the
+    #                             restated ones attend to the slots (and the prompt's are free);
+    #                             both: the prompt's to the evidence cells, the restated ones to the slots
     align: str | None = None  # lvr_mse | mirage_cos | monet_crop_cos | monet_latent_cos
     align_weight: float = 0.0
     align_on: str = "in"  # latents compared: "in" (fed vectors z) ; mirage stage 1 uses outputs
+    ground_slots: bool = False  # the positions whose states become latents 1..K attend (layer 1) to
+    #                             the evidence cells, cycling over them (relpos: A, B, A, B)
+    bottleneck_frac: float | None = None  # share of training batches run with the bottleneck
+    #                                       (None: all when spec.after_segment == "segment", else none)
+
+    @property
+    def bottleneck(self) -> float:
+        """The share of batches trained with positions after the segment seeing only the segment."""
+        if self.bottleneck_frac is not None:
+            return self.bottleneck_frac
+        return 1.0 if self.spec.after_segment == "segment" else 0.0
 
     def needs(self) -> set[str]:
         """Item fields this plan needs (checked before training starts)."""
         need = {"question", "options", "keywords", "answer_word"}
-        if self.attn_weight > 0:
+        if self.attn_weight > 0 or self.ground_slots:
             need.add("evidence_cells")
         if self.spec.placement == "text":
             need.add("caption")
@@ -101,6 +114,7 @@ class Batch:
     crop_slots_pos: torch.Tensor | None = None  # [B, Tc] positions of crop image tokens (monet)
     hop_q: torch.Tensor | None = None  # [B, 2] query positions of the layer-2 hop (-1 = none)
     hop_target: torch.Tensor | None = None  # [B, 2, L] their target positions
+    seg_end: int = -1  # index of the latent segment's end marker (the same in every row; -1: none)
 
 
 def _keyword_targets(item, grid: int, img_start: int, kw_pos: list[int], count_mode: str):
@@ -114,6 +128,18 @@ def _keyword_targets(item, grid: int, img_start: int, kw_pos: list[int], count_m
     if len(cells) == len(kw_pos):
         return [(q, [pos(c)], False) for q, c in zip(kw_pos, cells)]
     return [(kw_pos[-1], [pos(c) for c in cells], False)]
+
+
+def _slot_targets(item, grid: int, img_start: int, first_q: int, K: int, count_mode: str):
+    """(query, key positions, uniform?) for the K positions whose states become the latents:
+    each attends to an evidence cell, cycling over them; count spreads over the counted cells."""
+    cells = [tuple(c) for c in (item.evidence_cells or [])]
+    pos = lambda c: img_start + c[0] * grid + c[1]  # noqa: E731
+    if item.family == "count" and count_mode == "sink":
+        return [(first_q + k, [pos(c) for c in cells] + [img_start - 1], True) for k in range(K)]
+    if not cells:
+        return []
+    return [(first_q + k, [pos(cells[k % len(cells)])], False) for k in range(K)]
 
 
 def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
@@ -151,7 +177,7 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     labels = torch.full((B, L), -100, dtype=torch.long)
     weights = torch.zeros((B, L))
     answer_pos = torch.zeros(B, dtype=torch.long)
-    max_q = 4
+    max_q = 4 + (plan.n_latents if plan.ground_slots else 0)
     attn_q = torch.full((B, max_q), -1, dtype=torch.long)
     attn_target = torch.zeros((B, max_q, L))
     hop_q = torch.full((B, 2), -1, dtype=torch.long)
@@ -189,21 +215,27 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
         kw_sets = [list(range(P - n_kw, P))]  # the prompt's key words ...
         if n_tail:  # ... and the restated ones after the segment
             kw_sets.append(list(range(P + n_seg, P + n_seg + n_tail)))
+        q_i = 0
         if plan.attn_weight > 0:
-            q_i = 0
             for s_i, kw_pos in enumerate(kw_sets):
-                if plan.evidence_in == "slots" and s_i == 1:  # positive control: the evidence is in Z
+                if plan.evidence_in in ("slots", "both") and s_i == 1:  # the evidence is in Z
                     attn_q[b, q_i] = kw_pos[-1]
                     attn_target[b, q_i, P + n_seg - 1 - plan.n_latents:P + n_seg - 1] = 1.0
                     q_i += 1
                     continue
-                if plan.evidence_in == "slots":
+                if plan.evidence_in == "slots":  # positive control: its degraded image holds no evidence
                     continue
                 for q, targets, uniform in _keyword_targets(it, grid, off + 1, kw_pos, plan.count_attention):
                     if q_i < max_q:
                         attn_q[b, q_i] = q
                         attn_target[b, q_i, targets] = 2.0 if uniform else 1.0  # 2: each gets 1/n
                         q_i += 1
+        if plan.ground_slots and spec.has_latents and plan.n_latents > 0:
+            first = P + n_seg - plan.n_latents - 2  # the start marker: its state is latent 1
+            for q, targets, uniform in _slot_targets(it, grid, off + 1, first, plan.n_latents, plan.count_attention):
+                attn_q[b, q_i] = q
+                attn_target[b, q_i, targets] = 2.0 if uniform else 1.0
+                q_i += 1
         if plan.hop_weight > 0:
             last = kw_sets[-1]
             if n_kw > 1:  # relpos: the last key word reads the first one's object (layer 2)
@@ -228,7 +260,8 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     return Batch(ids, am, pos, torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]), labels, weights,
                  answer_pos, P - 1, slot_start, plan.n_latents if has_k else 0, attn_q, attn_target,
                  option_ids, answer_index, torch.as_tensor(idx), [it.family for it in items],
-                 torch.tensor(crop_pos) if crop_pos else None, hop_q, hop_target)
+                 torch.tensor(crop_pos) if crop_pos else None, hop_q, hop_target,
+                 P + n_seg - 1 if spec.has_latents else -1)
 
 
 _ROPE_MODEL = {}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..engine.attention import additive, allowed
+from ..engine.trace import Segment
 from .batching import Batch, Plan
 
 
@@ -30,38 +32,58 @@ def embed(model, batch: Batch) -> torch.Tensor:
     return emb
 
 
+def segment_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask of the bottleneck: causal attention with padding, and every
+    position from the end marker on sees only the segment and later positions (the rule the
+    engine applies for `LatentSpec.after_segment == "segment"`, `engine.attention.allowed`)."""
+    B, L = batch.ids.shape
+    P, s0, K = batch.prompt_end + 1, batch.slot_start, batch.n_latents
+    seg = Segment(start=P, slots=list(range(s0, s0 + K)) if K else [], end=batch.seg_end)
+    rule = allowed(range(L), L, torch.zeros(L, dtype=torch.bool), [seg], [("after_segment", "before_segment")])
+    am = batch.attention_mask.bool()
+    ok = rule[None] & am[:, None, :]
+    ok |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves
+    return additive(ok, dtype)[:, None]
+
+
 def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, need_attn: bool = False,
-            layer_hidden: bool = False) -> Out:
-    """Teacher-forced forward; latent slots are filled from `fill` or by the fed-back loop."""
+            bottleneck: bool | None = None) -> Out:
+    """Teacher-forced forward; latent slots are filled from `fill` or by the fed-back loop.
+    `bottleneck` (default: the plan's spec) closes every route around the segment."""
     lm = model.model.language_model
     emb = embed(model, batch)
     pos, am = batch.position_ids, batch.attention_mask
     K, s0 = batch.n_latents, batch.slot_start
     kw = dict(output_attentions=True) if need_attn else {}
+    closed = (plan.spec.after_segment == "segment") if bottleneck is None else bottleneck
+    mask4 = segment_mask(batch, emb.dtype) if closed and batch.seg_end >= 0 else None
     if K == 0 or plan.latent_fill != "hidden":
         z = None
         if K > 0:
             z = fill.to(emb.dtype)
             emb = torch.cat([emb[:, :s0], z, emb[:, s0 + K:]], dim=1)
-        out = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am, **kw)
+        out = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am if mask4 is None else mask4, **kw)
         att = out.attentions if need_attn else None
         return Out(out.last_hidden_state, z, att, [(0, att)] if need_attn else [])
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=emb[:, :s0], position_ids=pos[:, :, :s0], attention_mask=am[:, :s0], cache=cache,
              use_cache=True, **kw)
     attn = out.attentions if need_attn else None
+    parts = [(0, attn)] if need_attn else []
     hs = [out.last_hidden_state]
     h = out.last_hidden_state[:, -1:]
     zs = []
     for k in range(K):
         zs.append(h)
         o = lm(inputs_embeds=h, position_ids=pos[:, :, s0 + k:s0 + k + 1], attention_mask=am[:, :s0 + k + 1],
-               cache=cache, use_cache=True)
+               cache=cache, use_cache=True, **kw)
+        if need_attn:
+            parts.append((s0 + k, o.attentions))
         h = o.last_hidden_state
         hs.append(h)
-    parts = [(0, attn)] if need_attn else []
     if emb.shape[1] > s0 + K:
-        o = lm(inputs_embeds=emb[:, s0 + K:], position_ids=pos[:, :, s0 + K:], attention_mask=am, cache=cache,
+        rest = am if mask4 is None else mask4[:, :, s0 + K:]
+        o = lm(inputs_embeds=emb[:, s0 + K:], position_ids=pos[:, :, s0 + K:], attention_mask=rest, cache=cache,
                use_cache=True, **kw)
         hs.append(o.last_hidden_state)
         if need_attn:

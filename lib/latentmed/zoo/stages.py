@@ -154,7 +154,9 @@ def train_stage(model, tok, plan: Plan, train_bank: FeatureBank, val_bank: Featu
         elif batch.n_latents and plan.latent_fill == "constant":
             fill = constant.unsqueeze(0).expand(len(idx), -1, -1)
         need_attn = plan.attn_weight > 0 or plan.hop_weight > 0
-        out = forward(model, batch, plan, fill=fill, need_attn=need_attn)
+        frac = plan.bottleneck
+        closed = frac >= 1.0 or (frac > 0 and bool(torch.rand((), generator=gen) < frac))
+        out = forward(model, batch, plan, fill=fill, need_attn=need_attn, bottleneck=closed)
         sup = batch.labels != -100
         logits = model.lm_head(out.hidden[sup])
         ce = (F.cross_entropy(logits, batch.labels[sup], reduction="none") * batch.weights[sup]).sum() / len(idx)
