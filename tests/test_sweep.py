@@ -74,3 +74,22 @@ def test_sweep_without_any_segment_returns_the_clean_run(load, images):
     shared, naive = shared_sweep(r, p, vs, max_new_tokens=8), naive_sweep(r, p, vs, max_new_tokens=8)
     assert all(t.segments == [] for t in shared)
     assert_same(shared, naive)
+
+
+def test_sweep_many_equals_running_every_variant_alone(load, images):
+    """Shared work across instances (one batched prefill, every instance x variant row decoded
+    together) gives what naive decoding gives, per instance and variant."""
+    from latentmed.engine.sweep import sweep_many
+
+    r = load("mirage")
+    prompts = [r.build_inputs(im, q, OPTIONS) for im, q in zip(images, ["What colour?", "Which one is it?", "Colour?"])]
+    kw = dict(max_new_tokens=10, force_latent=True)
+    clean = [r.generate(p, **kw) for p in prompts]
+    per = [[[], I.ZeroLatent(), I.SwapLatent(source=clean[(i + 1) % 3].segments[0].z_in.tolist()), I.ChangeK(k=1),
+            I.BlankImage()][: 5 - i] for i in range(3)]  # different variants and counts per prompt
+    many = sweep_many(r, prompts, per, batch_size=2, **kw)
+    for p, vs, got in zip(prompts, per, many):
+        assert len(got) == len(vs)
+        assert_same(got, naive_sweep(r, p, vs, **kw))
+    with pytest.raises(ValueError, match="2 variant lists for 3 prompts"):
+        sweep_many(r, prompts, per[:2], **kw)

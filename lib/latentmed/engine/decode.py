@@ -499,29 +499,35 @@ class Decoder:
             row.generator.set_state(state)
         return tok == self.ids.start
 
-    def branch(self, row_ivs: list[list[Intervention]]) -> "Decoder":
-        """A new decoder whose M rows continue row 0's state, each with its own interventions."""
-        M, src = len(row_ivs), self.rows[0]
+    def branch(self, row_ivs: list[list[Intervention]], src: list[int] | None = None) -> "Decoder":
+        """A new decoder whose rows continue the state of rows `src` (default: row 0 for all),
+        each with its own interventions."""
+        src = [0] * len(row_ivs) if src is None else list(src)
+        if len(src) != len(row_ivs):
+            raise ValueError(f"branch: {len(row_ivs)} intervention lists for {len(src)} source rows")
+        idx = torch.tensor(src, dtype=torch.long)
         new = copy.copy(self)
         new.cache = copy.deepcopy(self.cache)
-        new.cache.batch_repeat_interleave(M)
-        new.h, new.logits = self.h[:1].repeat(M, 1), self.logits[:1].repeat(M, 1)
-        new.pos, new.latent_in = self.pos[:1].repeat(M), self.latent_in[:1].repeat(M)
-        new.mask = self.mask[:1].repeat(M, 1)
-        new.pads = [self.pads[0]] * M
-        new.image_feats = [self.image_feats[0]] * M
-        new.rows, new.encs = [], [self.encs[0]] * M
-        for ivs in row_ivs:
-            row = copy.copy(src)
+        new.cache.batch_select_indices(idx.to(self.r.device))
+        dev = idx.to(self.h.device)
+        new.h, new.logits = self.h[dev], self.logits[dev]
+        new.pos, new.latent_in = self.pos[dev], self.latent_in[idx]
+        new.mask = self.mask[dev]
+        new.pads = [self.pads[i] for i in src]
+        new.image_feats = [self.image_feats[i] for i in src]
+        new.rows, new.encs = [], [self.encs[i] for i in src]
+        for i, ivs in zip(src, row_ivs):
+            old = self.rows[i]
+            row = copy.copy(old)
             row.ivs = as_interventions(ivs)
             row.rules = rules_for(self.spec, row.ivs)
             row.want_logits = _wants(row.ivs, "unembed.hook_logits")
-            row.gen, row.segments, row.opt_lp, row.logits = list(src.gen), list(src.segments), \
-                list(src.opt_lp), list(src.logits)
-            row.suffix, row.recorder = list(src.suffix), copy.deepcopy(src.recorder)
-            if src.generator is not None:
+            row.gen, row.segments, row.opt_lp, row.logits = list(old.gen), list(old.segments), \
+                list(old.opt_lp), list(old.logits)
+            row.suffix, row.recorder = list(old.suffix), copy.deepcopy(old.recorder)
+            if old.generator is not None:
                 row.generator = torch.Generator()
-                row.generator.set_state(src.generator.get_state())
+                row.generator.set_state(old.generator.get_state())
             new.rows.append(row)
         return new
 

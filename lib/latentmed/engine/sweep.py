@@ -63,3 +63,38 @@ def sweep_instances(reasoner, prompts, variants, config: DecodeConfig | None = N
     cfg = config_of(config, kw)
     for i, p in enumerate(prompts):
         yield i, shared_sweep(reasoner, p, variants, cfg)
+
+
+def sweep_many(reasoner, prompts: list, per_prompt: list[list], config: DecodeConfig | None = None,
+               batch_size: int = 16, **kw) -> list[list[Trace]]:
+    """Shared work across instances too: `per_prompt[i]` is the list of variants of prompt i.
+
+    With the segment forced (every row branches right after the prompt), the prompts are
+    prefilled `batch_size` at a time and every (prompt, variant) row that can share the prefix
+    is decoded as one batch from there; the others get their own prefills, batched together.
+    Without `force_latent` each prompt is swept on its own (`shared_sweep`). Returns, per
+    prompt, its traces in the order of its variants."""
+    cfg = config_of(config, kw)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"sweep_many: {len(per_prompt)} variant lists for {len(prompts)} prompts")
+    if not cfg.force_latent or not reasoner.spec.has_segments:
+        return [shared_sweep(reasoner, p, v, cfg) for p, v in zip(prompts, per_prompt)]
+    out: list[list[Trace | None]] = [[None] * len(v) for v in per_prompt]
+    for s in range(0, len(prompts), batch_size):
+        chunk = list(range(s, min(s + batch_size, len(prompts))))
+        variants = {i: _variants(per_prompt[i]) for i in chunk}
+        shared = [(i, j) for i in chunk for j, v in enumerate(variants[i]) if all(iv.shares_prefix for iv in v)]
+        alone = [(i, j) for i in chunk for j, v in enumerate(variants[i]) if not all(iv.shares_prefix for iv in v)]
+        if shared:
+            with torch.inference_mode():
+                dec = Decoder(reasoner, cfg).prefill([prompts[i] for i in chunk], [[] for _ in chunk])
+                row_of = {i: r for r, i in enumerate(chunk)}
+                traces = dec.branch([variants[i][j] for i, j in shared], src=[row_of[i] for i, _ in shared]).run()
+            for (i, j), t in zip(shared, traces):
+                out[i][j] = t
+        for s2 in range(0, len(alone), batch_size):
+            part = alone[s2:s2 + batch_size]
+            traces = generate(reasoner, [prompts[i] for i, _ in part], [variants[i][j] for i, j in part], cfg)
+            for (i, j), t in zip(part, traces):
+                out[i][j] = t
+    return out
