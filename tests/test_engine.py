@@ -350,3 +350,19 @@ def test_outside_latent_sources_always_feed_their_k_vectors(ckpt_copy, images, s
         torch.testing.assert_close(r.constant, const)
     else:  # the prompt shows the degraded image
         assert not torch.equal(p.pixel_values, pixels(r.processor, [images[0]])[0])
+
+
+def test_replay_many_equals_one_replay_at_a_time(latent_setup, images):
+    """Batched replays (left-padded, each with its own edits, rules and rebuilt prompts) equal
+    single ones."""
+    from latentmed.engine.replay import replay_many
+
+    r, p, clean = latent_setup
+    other = r.generate(r.build_inputs(images[1], "Which colour is the small square?", OPTIONS), **GEN)
+    jobs = [(clean, []), (clean, [I.ZeroLatent(steps=[1])]), (other, [I.Knockout()]), (other, [I.ChangeK(k=2)]),
+            (clean, [I.SwapQuestion(question="What is it?")]), (clean, [I.MaskImageTokens(indices=[3])])]
+    many = replay_many(r, [t for t, _ in jobs], [e for _, e in jobs], batch_size=4)
+    for (t, e), got in zip(jobs, many):
+        one = r.replay(t, e)
+        assert got.ids == one.ids and got.answer_index == one.answer_index
+        torch.testing.assert_close(got.step_option_logprobs, one.step_option_logprobs, atol=1e-5, rtol=0)

@@ -11,12 +11,14 @@ positive control's latent source).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .query import Query
+from .query import Query, as_image
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -48,6 +50,7 @@ class Prompt(Encoded):
     after_segment_ids: list[int] | None = None  # forced after a segment when DecodeConfig.force_suffix
     crop_pixels: torch.Tensor | None = None  # evidence crop (latent_source "evidence_crop")
     crop_grid: torch.Tensor | None = None
+    features: torch.Tensor | None = field(default=None, repr=False, compare=False)  # merged image tokens, once computed
 
     @property
     def question(self) -> str:
@@ -63,11 +66,15 @@ def n_image_tokens(grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
     return [int(t * h * w) // merge_size**2 for t, h, w in grid_thw.tolist()]
 
 
-def pixels(processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel patches and grid of `images` (Qwen2-VL's processor); a failure names the image size."""
+def pixels(processor, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel patches and grid of `images` (Qwen2-VL's processor); PIL images, paths and arrays
+    are checked by `query.as_image`, and a failure names the image size."""
+    if isinstance(images, (Image.Image, str, Path, np.ndarray)) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: expected a list of images, got {type(images).__name__}")
+    images = [as_image(im, f"image {i}") for i, im in enumerate(images)]
     try:
-        out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-    except ValueError as exc:
+        out = processor(images=images, return_tensors="pt")
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
         sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images)
         raise ValueError(f"image(s) of size {sizes}: the image processor refused them ({exc})") from exc
     return out["pixel_values"], out["image_grid_thw"]
@@ -75,7 +82,9 @@ def pixels(processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Te
 
 def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = None) -> Encoded:
     """Tokenize `text` (one `<|image_pad|>` per image) and process `images` to match."""
-    images = images or []
+    images = [] if images is None else images
+    if isinstance(images, (Image.Image, str, Path, np.ndarray)):
+        images = [images]
     if text.count(IMAGE_PAD) != len(images):
         raise ValueError(f"prompt has {text.count(IMAGE_PAD)} {IMAGE_PAD} markers but {len(images)} images were given")
     pixel_values = grid = None

@@ -78,7 +78,11 @@ class LatentReasoner:
             if e.pixel_values is None:
                 blocks.append(None)
                 continue
-            f = self._tower(e.pixel_values, e.image_grid_thw)
+            f = getattr(e, "features", None)
+            if f is None:
+                f = self._tower(e.pixel_values, e.image_grid_thw)
+                if isinstance(e, Prompt):
+                    e.features = f  # the tower is run once per prompt
             for iv in by_point(ivs, "features"):
                 f = iv.edit_features(f)
             blocks.append(f)

@@ -153,33 +153,72 @@ def _edited_sequence(reasoner, trace: Trace, enc: Prompt, shift: int, edits) -> 
 def replay(reasoner, trace: Trace, edits=(), inputs=None) -> ReplayResult:
     """Teacher-forced: one forward over the trace's sequence, latent slots from the trace or the
     edits, later latents and tokens as recorded (see the module docstring)."""
-    edits = as_interventions(edits)
-    check_supported(edits, "replay")
-    _check_kinds(trace, edits, "replay")
-    enc, shift = _inputs(reasoner, trace, inputs, edits, "replay")
-    seq = _edited_sequence(reasoner, trace, enc, shift, edits)
-    ids = torch.tensor([seq.ids])
-    P = enc.input_ids.shape[1]
-    rules = rules_for(reasoner.spec, edits)
+    return replay_many(reasoner, [trace], [edits], [inputs])[0]
+
+
+def replay_many(reasoner, traces: list[Trace], edits: list, inputs: list | None = None,
+                batch_size: int = 64) -> list[ReplayResult]:
+    """`replay` of many (trace, edits) pairs, `batch_size` sequences per forward (left-padded)."""
+    if len(edits) != len(traces):
+        raise ValueError(f"replay_many: {len(edits)} edit lists for {len(traces)} traces")
+    inputs = inputs or [None] * len(traces)
+    out = []
+    for s in range(0, len(traces), batch_size):
+        part = range(s, min(s + batch_size, len(traces)))
+        out += _replay_batch(reasoner, [traces[i] for i in part], [edits[i] for i in part], [inputs[i] for i in part])
+    return out
+
+
+def _replay_batch(reasoner, traces, edit_lists, inputs) -> list[ReplayResult]:
+    rows = []  # (trace, edits, prompt, sequence)
+    for trace, edits, given in zip(traces, edit_lists, inputs):
+        edits = as_interventions(edits)
+        check_supported(edits, "replay")
+        _check_kinds(trace, edits, "replay")
+        enc, shift = _inputs(reasoner, trace, given, edits, "replay")
+        rows.append((trace, edits, enc, _edited_sequence(reasoner, trace, enc, shift, edits)))
+    B, T = len(rows), max(len(seq.ids) for *_, seq in rows)
+    pads = [T - len(seq.ids) for *_, seq in rows]
+    ids = torch.full((B, T), reasoner.ids.eos[0] if reasoner.ids.eos else 0, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    latent = torch.zeros((B, T), dtype=torch.bool)
+    overrides, ok = [], torch.zeros(B, T, T, dtype=torch.bool)
+    any_rules = False
+    for r, ((trace, edits, enc, seq), p) in enumerate(zip(rows, pads)):
+        ids[r, p:], mask[r, p:] = torch.tensor(seq.ids), 1
+        latent[r, [p + q for q in seq.vecs]] = True
+        overrides += [(r, p + q, v) for q, v in seq.vecs.items()]
+        rules = rules_for(reasoner.spec, edits)
+        any_rules = any_rules or bool(rules)
+        P, n = enc.input_ids.shape[1], len(seq.ids)
+        image = (torch.tensor(seq.ids) == reasoner.ids.image) & (torch.arange(n) < P)
+        ok[r, p:, p:] = allowed(range(n), n, image, seq.segments, rules)
+        ok[r, :p, :p] = torch.eye(p, dtype=torch.bool)
+    recs = [Recorder() for _ in rows]
     with torch.inference_mode():
-        feats, per_row = reasoner.image_features([enc], [edits])
-        mask4d = None
-        if rules:
-            image = (ids[0] == reasoner.ids.image) & (torch.arange(len(seq.ids)) < P)
-            ok = allowed(range(len(seq.ids)), len(seq.ids), image, seq.segments, rules)
-            mask4d = additive(ok, reasoner.dtype)[None, None]
-        latent = torch.zeros(1, len(seq.ids), dtype=torch.bool)
-        latent[0, list(seq.vecs)] = True
-        overrides = [(0, p, v) for p, v in seq.vecs.items()]
-        rec = Recorder()
-        with installed(reasoner.model, [by_point(edits, "hook")], [by_point(edits, "record")], [rec],
-                       Cursor([0], latent)):
-            out, _ = reasoner.forward(ids, None, enc.image_grid_thw, feats, overrides, attn4d=mask4d, text_from=[P])
-        hidden = out.last_hidden_state[0]
-        opt_ids = enc.option_ids if enc is not trace.inputs and enc.option_ids else trace.option_ids
-        step_lp = None
-        if opt_ids and len(seq.ids) > P:
-            step_lp = option_logprobs(reasoner.model.lm_head(hidden[P - 1:-1]), opt_ids).cpu()
+        feats, _ = reasoner.image_features([enc for _, _, enc, _ in rows], [e for _, e, _, _ in rows])
+        grids = [enc.image_grid_thw for _, _, enc, _ in rows if enc.image_grid_thw is not None]
+        mask4d = additive(ok, reasoner.dtype)[:, None] if any_rules or any(pads) else None
+        with installed(reasoner.model, [by_point(e, "hook") for _, e, _, _ in rows],
+                       [by_point(e, "record") for _, e, _, _ in rows], recs, Cursor([-p for p in pads], latent)):
+            out, _ = reasoner.forward(ids, mask, torch.cat(grids) if grids else None, feats, overrides,
+                                      attn4d=mask4d, text_from=[p + enc.input_ids.shape[1]
+                                                                for (_, _, enc, _), p in zip(rows, pads)])
+        hidden_all = out.last_hidden_state
+        results = []
+        for r, ((trace, edits, enc, seq), p) in enumerate(zip(rows, pads)):
+            hidden = hidden_all[r, p:]
+            P = enc.input_ids.shape[1]
+            opt_ids = enc.option_ids if enc is not trace.inputs and enc.option_ids else trace.option_ids
+            step_lp = None
+            if opt_ids and len(seq.ids) > P:
+                step_lp = option_logprobs(reasoner.model.lm_head(hidden[P - 1:-1]), opt_ids).cpu()
+            results.append(_result(trace, seq, hidden, step_lp, P, recs[r]))
+    return results
+
+
+def _result(trace: Trace, seq: _Seq, hidden, step_lp, P: int, rec: Recorder) -> ReplayResult:
+    """The replay's answer at the trace's answer step (found by its old position)."""
     records, where = rec.tensors()
     nan = bool(any(not torch.isfinite(v).all() for v in seq.vecs.values()))
     result = ReplayResult(None, None, None, None, step_lp, seq.ids, hidden, seq.segments, nan, records, where)
