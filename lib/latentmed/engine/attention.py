@@ -9,7 +9,8 @@ A rule is a (query, key) pair of position groups (see `interventions.Knockout`):
   start marker of the segment the query belongs to: image, options, question).
 
 `LatentSpec.after_segment == "segment"` is the rule ("after_segment", "before_segment"): a
-bottleneck that leaves the answer no route to the image around the segment. The training
+bottleneck that leaves the answer no route to the image around the segment; "no_slots" is
+("after_segment", "latents"): the answer cannot read the slots. The training
 forward (`latentmed.zoo.forward`) and the engine build their masks with `allowed`, so a model
 runs at inference exactly as it was trained.
 """
@@ -21,13 +22,15 @@ from typing import Sequence
 import torch
 
 Rule = tuple[str, str]
+# `LatentSpec.after_segment` as rules
+SPEC_RULES: dict[str, list[Rule]] = {"all": [], "segment": [("after_segment", "before_segment")],
+                                     "no_slots": [("after_segment", "latents")]}
 
 
 def rules_for(spec, ivs) -> list[Rule]:
     """The rules of a run: the spec's bottleneck plus the run's `Knockout` interventions."""
     rules = [(iv.query, iv.key) for iv in ivs if iv.point == "knockout"]
-    if spec.after_segment == "segment":
-        rules.append(("after_segment", "before_segment"))
+    rules += SPEC_RULES[spec.after_segment]
     return sorted(set(rules))
 
 

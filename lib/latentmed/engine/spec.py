@@ -31,13 +31,15 @@ Template = Literal["chat", "testbed"]
 LatentSource = Literal["hidden", "evidence_crop", "constant"]
 # What the prompt shows: the scene, or the scene box-averaged to 56 px and back (positive control).
 PromptImage = Literal["scene", "degraded"]
-# What positions after a segment may attend to: everything (the usual causal mask), or only the
+# What positions after a segment may attend to: everything (the usual causal mask); only the
 # segment (start marker, slots, end marker) and later positions: a bottleneck that closes every
-# route from the image to the answer around the latents.
-AfterSegment = Literal["all", "segment"]
+# route from the image to the answer around the latents; or everything but the latent slots:
+# the answer cannot read the latents at all (a model whose latents cannot matter by construction).
+AfterSegment = Literal["all", "segment", "no_slots"]
 
 SPEC_FILE = "latent_spec.json"
 LETTERS = "ABCDEFGH"
+HEADS = (None, "lvr_head")  # projection heads the loader knows (a misspelt one would be ignored)
 
 # Ids some methods store in config.json (LVR: src/train/train_lvr.py; Monet: src/main.py).
 CONFIG_ID_KEYS: dict[str, dict[str, str]] = {
@@ -195,8 +197,13 @@ def _validate(s: LatentSpec) -> None:
         v = getattr(s, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             bad(name, f"must be an integer >= 0, got {v!r}")
-    if s.max_segments is not None and (not isinstance(s.max_segments, int) or s.max_segments < 0):
+    if s.max_segments is not None and (not isinstance(s.max_segments, int) or isinstance(s.max_segments, bool)
+                                       or s.max_segments < 0):
         bad("max_segments", f"must be None or an integer >= 0, got {s.max_segments!r}")
+    if s.head not in HEADS:
+        bad("head", f"must be one of {', '.join(map(repr, HEADS))}, got {s.head!r}")
+    if not isinstance(s.head_on_first, bool):
+        bad("head_on_first", f"must be True or False, got {s.head_on_first!r}")
     for name in ("start_token", "end_token", "pad_token", "head", "system_prompt"):
         v = getattr(s, name)
         if v is not None and not isinstance(v, str):
@@ -208,7 +215,7 @@ def _validate(s: LatentSpec) -> None:
         bad("placement", f"{s.placement!r} needs a start_token and an end_token")
     if s.latent_source != "hidden" and s.placement not in ("overwrite_start", "after_start"):
         bad("latent_source", f"{s.latent_source!r} needs a latent placement, not {s.placement!r}")
-    if s.after_segment == "segment" and s.placement == "none":
+    if s.after_segment != "all" and s.placement == "none":
         bad("after_segment", "a bottleneck after the segment needs a segment (placement is 'none')")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..engine.attention import additive, allowed
+from ..engine.attention import SPEC_RULES, additive, allowed
 from ..engine.trace import Segment
 from .batching import Batch, Plan
 
@@ -32,14 +32,14 @@ def embed(model, batch: Batch) -> torch.Tensor:
     return emb
 
 
-def segment_mask(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, L, L] additive mask of the bottleneck: causal attention with padding, and every
-    position from the end marker on sees only the segment and later positions (the rule the
-    engine applies for `LatentSpec.after_segment == "segment"`, `engine.attention.allowed`)."""
+def segment_mask(batch: Batch, rules, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: causal attention with padding and the spec's rules after the
+    segment (e.g. the bottleneck: every position from the end marker on sees only the segment and
+    later positions), exactly as the engine applies them (`engine.attention.allowed`)."""
     B, L = batch.ids.shape
     P, s0, K = batch.prompt_end + 1, batch.slot_start, batch.n_latents
     seg = Segment(start=P, slots=list(range(s0, s0 + K)) if K else [], end=batch.seg_end)
-    rule = allowed(range(L), L, torch.zeros(L, dtype=torch.bool), [seg], [("after_segment", "before_segment")])
+    rule = allowed(range(L), L, torch.zeros(L, dtype=torch.bool), [seg], rules)
     am = batch.attention_mask.bool()
     ok = rule[None] & am[:, None, :]
     ok |= torch.eye(L, dtype=torch.bool)[None]  # padding rows attend to themselves
@@ -55,8 +55,9 @@ def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, n
     pos, am = batch.position_ids, batch.attention_mask
     K, s0 = batch.n_latents, batch.slot_start
     kw = dict(output_attentions=True) if need_attn else {}
-    closed = (plan.spec.after_segment == "segment") if bottleneck is None else bottleneck
-    mask4 = segment_mask(batch, emb.dtype) if closed and batch.seg_end >= 0 else None
+    rules = SPEC_RULES[plan.spec.after_segment] if bottleneck is None else \
+        SPEC_RULES["segment" if bottleneck else "all"]
+    mask4 = segment_mask(batch, rules, emb.dtype) if rules and batch.seg_end >= 0 else None
     if K == 0 or plan.latent_fill != "hidden":
         z = None
         if K > 0:

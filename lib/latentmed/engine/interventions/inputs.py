@@ -72,19 +72,25 @@ class NoiseImage(InputEdit):
 
 @dataclass
 class OtherImage(InputEdit):
-    """Use another image with this question (a file path, or an in-memory `image`, not serialised)."""
+    """Use another image with this question (a file path, or an in-memory `image`, not serialised).
+    The evidence crop and boxes belong to the old image: they are dropped, or replaced by the
+    other image's `crop` when one is given (in memory, not serialised)."""
     path: str | None = None
     image: Any = field(default=None, repr=False, compare=False, metadata={"serialise": False})
+    crop: Any = field(default=None, repr=False, compare=False, metadata={"serialise": False})
+    source: str | None = None  # a name for the other image in results (e.g. its item id)
 
     def validate(self):
         if self.path is None and self.image is None:
             _bad(self, "path", "give a path or an image")
         if self.image is not None:
             self.image = as_image(self.image, "OtherImage.image")
+        if self.crop is not None:
+            self.crop = as_image(self.crop, "OtherImage.crop")
 
     def edit_query(self, q):
         im = self.image if self.image is not None else as_image(self.path, "OtherImage.path")
-        return q.replace(images=[im] + list(q.images[1:]), crop=None, evidence_boxes=None)
+        return q.replace(images=[im] + list(q.images[1:]), crop=self.crop, evidence_boxes=None)
 
 
 
@@ -112,7 +118,7 @@ class MaskPatches(InputEdit):
 @dataclass
 class MaskEvidence(InputEdit):
     """Paint the query's own evidence boxes (plus `pad` px) with a uniform colour: the answer's
-    evidence is gone, the rest of the scene stays."""
+    evidence is gone, the rest of the scene stays (the evidence crop, a zoom on it, goes blank)."""
     pad: int = 2
     colour: tuple[int, int, int] = (128, 128, 128)
 
@@ -126,7 +132,8 @@ class MaskEvidence(InputEdit):
         im = q.images[0].convert("RGB").copy()
         for x0, y0, x1, y1 in q.evidence_boxes:
             im.paste(tuple(self.colour), (int(x0) - self.pad, int(y0) - self.pad, int(x1) + self.pad, int(y1) + self.pad))
-        return q.replace(images=[im] + list(q.images[1:]))
+        crop = None if q.crop is None else Image.new("RGB", q.crop.size, tuple(self.colour))  # a zoom on the evidence
+        return q.replace(images=[im] + list(q.images[1:]), crop=crop)
 
 
 @dataclass
