@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from latentmed.files import mark_owned
 from latentmed.testbed import (
     FAMILIES,
     NUMBER_WORDS,
@@ -300,15 +301,17 @@ def test_ensure_reuses_only_a_complete_matching_dataset(built, cfg):
     other = TestbedConfig(seed=3, **TINY)
     assert ensure(other, built.root, progress=False).config == other
     partial = built.root.with_name(built.root.name + ".partial")
-    partial.mkdir()
-    (partial / "junk").write_text("x")
+    mark_owned(partial, "testbed")  # what a killed generator leaves
+    (partial / "items.jsonl").write_text("x")
     assert ensure(other, built.root, progress=False).config == other
     assert not partial.exists()
 
 
-def test_ensure_replaces_a_file_in_the_way(tmp_path, cfg):
+def test_ensure_refuses_a_file_in_the_way_and_keeps_it(tmp_path, cfg):
     (tmp_path / "tb").write_text("not a dataset")
-    assert len(ensure(cfg, tmp_path / "tb", progress=False)) == 20
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'tb'}: exists and is not a testbed folder")):
+        ensure(cfg, tmp_path / "tb", progress=False)
+    assert (tmp_path / "tb").read_text() == "not a dataset"
 
 
 def test_unwritable_output_folder(tmp_path, cfg):

@@ -14,11 +14,13 @@ import difflib
 import hashlib
 import inspect
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import atomic_write_text
 from .paths import ROOT, data_dir, models_dir
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -153,7 +155,11 @@ def stamp(chapter: Chapter, params: dict) -> str:
 
 
 def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: bool = False) -> Path:
-    """Run one chapter with papermill into `out_dir`, unless an up-to-date copy is there."""
+    """Run one chapter with papermill into `out_dir`, unless an up-to-date copy is there.
+
+    The notebook runs into a temporary file that replaces the executed copy only when it
+    finished, and the stamp is removed before and written after: a failed or killed run never
+    leaves a copy that looks up to date."""
     import papermill as pm
 
     params = dict(params or {})
@@ -166,9 +172,17 @@ def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: 
         print(f"[book] {chapter.name}: up to date")
         return out
     print(f"[book] executing {chapter.name} {params or ''}")
-    pm.execute_notebook(str(chapter.source), str(out), parameters=params, cwd=str(NOTEBOOKS),
-                        kernel_name="python3", progress_bar=False, log_output=False)
-    stamp_file.write_text(stamp(chapter, params))
+    stamp_file.unlink(missing_ok=True)
+    tmp = out_dir / ".running" / chapter.source.name  # a hidden folder: nbval and the book skip it
+    tmp.parent.mkdir(exist_ok=True)
+    try:
+        pm.execute_notebook(str(chapter.source), str(tmp), parameters=params, cwd=str(NOTEBOOKS),
+                            kernel_name="python3", progress_bar=False, log_output=False)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the error is in papermill's exception; the last good copy stays
+        raise
+    os.replace(tmp, out)
+    atomic_write_text(stamp_file, stamp(chapter, params))
     return out
 
 

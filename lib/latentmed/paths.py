@@ -14,7 +14,14 @@ SEED = 0  # the project's default seed; every function that draws takes a `seed`
 
 
 def _dir(env: str, default: Path) -> Path:
-    return Path(os.environ.get(env, default)).resolve()
+    """`default`, or the folder the environment variable `env` names (an empty value is an error,
+    not the current directory)."""
+    value = os.environ.get(env)
+    if value is None:
+        return Path(default).resolve()
+    if not value.strip():
+        raise ValueError(f"environment variable {env} is set but empty; unset it or give a folder")
+    return Path(value).expanduser().resolve()
 
 
 def data_dir() -> Path:

@@ -56,7 +56,40 @@ def read_config(folder: Path) -> dict:
         archs = ", ".join(cfg.get("architectures") or []) or "none given"
         raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} (architectures: {archs}) is not "
                          "Qwen2.5-VL; this loader reads qwen2_5_vl checkpoints only")
+    _check_sizes(path, cfg)
     return cfg
+
+
+# Sizes a config must give as positive integers (text: nested `text_config` or, in older
+# checkpoints, top-level fields); without them transformers builds its default 7B model.
+TEXT_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "vocab_size")
+VISION_SIZES = ("depth", "hidden_size", "num_heads", "patch_size", "spatial_merge_size", "temporal_patch_size",
+                "out_hidden_size")
+
+
+def _check_sizes(path: Path, cfg: dict) -> None:
+    """Every size of the model is stated, a positive integer, and the heads divide the width."""
+    text = cfg.get("text_config", cfg)
+    vision = cfg.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ValueError(f"{path}: needs a 'vision_config' object and a 'text_config' object (or the text "
+                         "sizes at the top level)")
+    for part, d, keys in (("text_config", text, TEXT_SIZES), ("vision_config", vision, VISION_SIZES)):
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"{path}: {part} lacks {', '.join(missing)}; refusing to fill in the default "
+                             "(7B) sizes")
+        for k in keys:
+            v = d[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{path}: {part}.{k} must be a positive integer, got {v!r}")
+    for part, d, heads in (("text_config", text, "num_attention_heads"), ("vision_config", vision, "num_heads")):
+        if d["hidden_size"] % d[heads]:
+            raise ValueError(f"{path}: {part}.hidden_size {d['hidden_size']} is not divisible by {heads} {d[heads]}")
+    if text["num_attention_heads"] % text["num_key_value_heads"]:
+        raise ValueError(f"{path}: text_config.num_attention_heads {text['num_attention_heads']} is not divisible "
+                         f"by num_key_value_heads {text['num_key_value_heads']}")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -125,9 +158,27 @@ def load_processor(folder: Path):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{path}: {key} must be a positive integer, got {v!r}")
     try:
-        return Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
+        processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types; name the file
         raise ValueError(f"{path}: cannot build the image processor ({exc})") from exc
+    _check_processor(path, processor)
+    return processor
+
+
+def _check_processor(path: Path, processor) -> None:
+    """Pixel bounds that let an image keep at least one merged token, mean and std of 3 channels:
+    a processor that would silently shrink every image to a few patches is refused."""
+    lo, hi = processor.size.get("shortest_edge"), processor.size.get("longest_edge")
+    one = (processor.patch_size * processor.merge_size) ** 2
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 0 < lo <= hi or hi < one:
+        raise ValueError(f"{path}: pixel bounds min {lo!r} / max {hi!r} (min_pixels, max_pixels or size) must be "
+                         f"integers with 0 < min <= max and max >= {one} (one merged token)")
+    for name in ("image_mean", "image_std"):
+        v = getattr(processor, name, None)
+        if v is None or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"{path}: {name} must be 3 numbers (RGB), got {v!r}")
+    if any(x <= 0 for x in processor.image_std):
+        raise ValueError(f"{path}: image_std must be > 0, got {processor.image_std!r}")
 
 
 def resolve_spec(folder: Path, method: str | None) -> LatentSpec:
@@ -195,6 +246,9 @@ def load(path: str | Path, method: str | None = None, dtype: torch.dtype | None 
     tokenizer = load_tokenizer(folder)
     check_tokenizer(folder, cfg, tokenizer)
     spec, ids = resolve_spec(folder, method).with_overrides(**spec_overrides).resolve(tokenizer, cfg)
+    if spec.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{folder}: the tokenizer has no chat template (tokenizer_config.json or "
+                         f"chat_template.jinja), which method {spec.method!r} builds its prompts with")
     processor = load_processor(folder)
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     bars = hf_logging.is_progress_bar_enabled()
@@ -203,7 +257,7 @@ def load(path: str | Path, method: str | None = None, dtype: torch.dtype | None 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported below, by name
             model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True,
+                str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
                 trust_remote_code=False, device_map=device if str(device).startswith("cuda") else None)
     except Exception as exc:  # name the folder whatever went wrong inside transformers
         raise ValueError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from exc

@@ -70,7 +70,22 @@ def corpus(words=()) -> list[str]:
 
 
 def build_tokenizer(words=(), vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train the BPE on `corpus(words)` and wrap it with Qwen's special tokens and chat template."""
+    """Train the BPE on `corpus(words)` and wrap it with Qwen's special tokens and chat template;
+    a vocabulary too small to make every word one token is an error naming the words."""
+    if isinstance(words, str) or not all(isinstance(w, str) and w.strip() and w == w.strip() for w in words):
+        raise ValueError(f"words: expected a list of non-empty words without surrounding spaces, got {words!r}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256:
+        raise ValueError(f"vocab_size: must be an integer >= 256 (the byte alphabet), got {vocab_size!r}")
+    fast = _train(words, vocab_size)
+    split = [w for w in [*words, *"ABCDE"] if len(fast.encode(w)) != 1 or len(fast.encode(" " + w)) != 1]
+    if split:
+        raise ValueError(f"vocab_size={vocab_size}: too small to make {', '.join(map(repr, split[:5]))} one token "
+                         "each (with and without a leading space); use a larger vocab_size")
+    return fast
+
+
+def _train(words, vocab_size: int) -> PreTrainedTokenizerFast:
+    """The BPE trained on `corpus(words)`, wrapped with Qwen's special tokens and chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -10,17 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import MARKER, is_owned, mark_owned, remove_owned, replace_folder
 from ..paths import ensure_writable
 from .items import SPLITS, Item, TestbedConfig, item_keys, make_item
 
 FORMAT_VERSION = 1
 GENERATOR_VERSION = "1"  # bump whenever drawing or item logic changes what is generated
+KIND = "testbed"  # marker kind of the folders the generator writes (`files.mark_owned`)
+OWN_ENTRIES = frozenset({MARKER, "manifest.json", "items.jsonl", "files.json", "images", "crops"})
 log = logging.getLogger(__name__)
 
 
@@ -82,30 +84,66 @@ def _open_png(path: Path) -> Image.Image:
                                  "regenerate the testbed (latentmed.dataset.ensure)") from exc
 
 
-def _remove(path: Path) -> None:
-    """Delete a folder or a file if it is there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of a testbed folder that the generator does not write (someone else's files)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in OWN_ENTRIES)
+
+
+def _is_own_testbed(folder: Path) -> bool:
+    """Our marker, or (a testbed of an earlier version of this code) a readable testbed manifest."""
+    if is_owned(folder, KIND):
+        return True
+    try:
+        m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(m, dict) and {"format_version", "generator_version", "config"} <= set(m)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to (re)generate into a folder unless everything in it was written by the generator:
+    the project deletes only what it can prove it wrote."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise FileExistsError(f"{out_dir}: exists and is not a testbed folder (a file or a link); "
+                              "refusing to replace it: move it away or choose another folder")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not _is_own_testbed(out_dir):
+        raise FileExistsError(f"{out_dir}: holds files but is not a testbed written by latentmed (no "
+                              f"{MARKER} marker, no testbed manifest.json); refusing to delete it: "
+                              "choose an empty or new folder for the testbed")
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        raise FileExistsError(f"{out_dir}: a latentmed testbed, but it also holds {', '.join(foreign[:5])}"
+                              f"{' ...' if len(foreign) > 5 else ''}, which the generator did not write; "
+                              "refusing to delete them: move them out, then regenerate")
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the finished `tmp` folder with renames only."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    _remove(old)
-    if out_dir.exists() or out_dir.is_symlink():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    _remove(old)
+    """Replace `out_dir` (checked by `check_replaceable`) by the finished `tmp` with renames only."""
+    check_replaceable(out_dir)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # an empty folder: nothing to lose
+    elif out_dir.exists() and not is_owned(out_dir, KIND):
+        mark_owned(out_dir, KIND)  # a testbed of an earlier version of this code
+    replace_folder(tmp, out_dir, KIND)
 
 
 def generate(config: TestbedConfig, out_dir, progress: bool = True) -> Testbed:
-    """Write the dataset into `<out_dir>.partial/`, manifest last, then rename it to `out_dir`."""
+    """Write the dataset into `<out_dir>.partial/`, manifest last, then rename it to `out_dir`.
+
+    An existing `out_dir` is replaced only when it is a testbed this project wrote and holds
+    nothing else (`check_replaceable`); otherwise nothing is generated and nothing deleted.
+    """
     out_dir = Path(out_dir)
+    if not isinstance(config, TestbedConfig):
+        raise TypeError(f"config: expected a TestbedConfig, got {type(config).__name__}")
+    check_replaceable(out_dir)
     ensure_writable(out_dir.parent)
     tmp = out_dir.with_name(out_dir.name + ".partial")
-    _remove(tmp)
+    remove_owned(tmp, KIND)  # a killed generator's leftovers; someone else's folder is refused
+    mark_owned(tmp, KIND)
     for sub in ("images", "crops"):
         (tmp / sub).mkdir(parents=True)
     keys = [(s, f, i) for s in SPLITS for f, i in item_keys(config, s)]
@@ -115,15 +153,25 @@ def generate(config: TestbedConfig, out_dir, progress: bool = True) -> Testbed:
             item = make_item(config, split, family, index)
             for sub, img in (("images", item.image), ("crops", item.crop)):
                 rel = f"{sub}/{item.id}.png"
-                img.save(tmp / rel, format="PNG")
+                _save_png(img, tmp / rel)
                 sizes[rel] = (tmp / rel).stat().st_size
             fh.write(json.dumps(item.to_dict(), separators=(",", ":")) + "\n")
-    (tmp / "files.json").write_text(json.dumps(sizes, indent=0, sort_keys=True))
+    _write_text(tmp / "files.json", json.dumps(sizes, indent=0, sort_keys=True))
     manifest = dict(format_version=FORMAT_VERSION, generator_version=GENERATOR_VERSION,
                     config=config.to_dict(), counts=counts, n_items=len(keys))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
     _swap_in(tmp, out_dir)
     return load(out_dir)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """One PNG of the dataset (a write point of the generator)."""
+    image.save(path, format="PNG")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """One metadata file of the dataset (a write point of the generator)."""
+    path.write_text(text, encoding="utf-8")
 
 
 def _read_json(path: Path, what: str):
@@ -144,6 +192,8 @@ def _read_manifest(root: Path) -> dict:
     if not isinstance(m, dict) or need - set(m):
         missing = sorted(need - set(m)) if isinstance(m, dict) else sorted(need)
         raise TestbedFormatError(f"{path}: invalid manifest, missing {', '.join(missing)}")
+    if not isinstance(m["config"], dict) or not isinstance(m["counts"], dict):
+        raise TestbedFormatError(f"{path}: invalid manifest, 'config' and 'counts' must be JSON objects")
     if m["format_version"] != FORMAT_VERSION:
         raise TestbedFormatError(f"{path}: format version {m['format_version']!r}, this code "
                                  f"reads {FORMAT_VERSION}; regenerate the testbed")
@@ -163,10 +213,49 @@ def _read_items(path: Path) -> list[Item]:
         for lineno, line in enumerate(fh, 1):
             try:
                 items.append(Item.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise TestbedFormatError(f"{path} line {lineno}: malformed item ({exc}); "
                                          "the file looks half-written; regenerate it") from exc
     return items
+
+
+def _check_counts(root: Path, manifest: dict, items: list[Item]) -> None:
+    """The manifest's counts are its config's and the items are exactly those, in no other number."""
+    config = TestbedConfig.from_dict(manifest["config"])
+    want = {s: config.family_counts(s) for s in SPLITS}
+    path = root / "manifest.json"
+    if manifest["counts"] != want or manifest["n_items"] != sum(sum(c.values()) for c in want.values()):
+        raise TestbedFormatError(f"{path}: counts {manifest['counts']} / n_items {manifest['n_items']} disagree "
+                                 f"with its config (which makes {want}); regenerate the testbed")
+    if len(items) != manifest["n_items"]:
+        raise TestbedFormatError(f"{root / 'items.jsonl'} has {len(items)} items but manifest.json "
+                                 f"says {manifest['n_items']}; it looks half-written; regenerate it")
+    expected = [f"{s}-{f}-{i:05d}" for s in SPLITS for f, i in item_keys(config, s)]
+    ids = [it.id for it in items]
+    if ids != expected:
+        bad = next(((a, b) for a, b in zip(ids, expected) if a != b), (None, None))
+        raise TestbedFormatError(f"{root / 'items.jsonl'}: items disagree with manifest.json's counts "
+                                 f"(item {bad[0]!r} where {bad[1]!r} belongs); regenerate the testbed")
+    for it in items:
+        if it.split != it.id.split("-")[0] or it.family != it.id.split("-")[1]:
+            raise TestbedFormatError(f"{root / 'items.jsonl'}: item {it.id} says split {it.split!r} family "
+                                     f"{it.family!r}; regenerate the testbed")
+
+
+def _check_files(root: Path, sizes: dict, items: list[Item]) -> None:
+    """files.json lists exactly every item's scene and crop, each with the size it has on disk."""
+    if not isinstance(sizes, dict):
+        raise TestbedFormatError(f"{root / 'files.json'}: expected a JSON object of file sizes")
+    want = {f"{sub}/{it.id}.png" for it in items for sub in ("images", "crops")}
+    if set(sizes) != want:
+        odd = sorted(set(sizes) ^ want)
+        raise TestbedFormatError(f"{root / 'files.json'}: does not list exactly the items' images "
+                                 f"(e.g. {odd[:3]}); regenerate the testbed")
+    for rel, size in sizes.items():
+        path = root / rel
+        if not path.is_file() or path.stat().st_size != size:
+            state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes, expected {size}"
+            raise TestbedFormatError(f"{path}: {state}; the PNG is truncated or corrupt; regenerate it")
 
 
 def load(out_dir, verify: bool = False) -> Testbed:
@@ -179,15 +268,8 @@ def load(out_dir, verify: bool = False) -> Testbed:
         raise TestbedFormatError(f"{root} looks half-written (no manifest.json); regenerate it")
     manifest = _read_manifest(root)
     items = _read_items(root / "items.jsonl")
-    if len(items) != manifest["n_items"]:
-        raise TestbedFormatError(f"{root / 'items.jsonl'} has {len(items)} items but manifest.json "
-                                 f"says {manifest['n_items']}; it looks half-written; regenerate it")
-    sizes = _read_json(root / "files.json", "file list")
-    for rel, size in sizes.items():
-        path = root / rel
-        if not path.is_file() or path.stat().st_size != size:
-            state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes, expected {size}"
-            raise TestbedFormatError(f"{path}: {state}; the PNG is truncated or corrupt; regenerate it")
+    _check_counts(root, manifest, items)
+    _check_files(root, _read_json(root / "files.json", "file list"), items)
     tb = Testbed(root, manifest, items)
     if verify:
         for it in items:

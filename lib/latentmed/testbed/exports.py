@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..paths import ensure_writable
 from .dataset import GENERATOR_VERSION, Testbed
-from .items import LETTERS, Item
+from .items import LETTERS, SPLITS, Item
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -43,6 +43,7 @@ HRBENCH_COLUMNS = ["index", "question", "A", "B", "C", "D", "answer", "category"
                    "cycle_category", "image"]
 HRBENCH_REQUIRED = ["index", "question", "A", "B", "C", "D", "answer", "image"]
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
+IMAGE_KEYS = ("image_file_name", "image", "image_url", "path")  # where an image item names its file
 
 
 class ExportFormatError(ValueError):
@@ -99,6 +100,13 @@ def _turns(user_content: list, assistant_content: list) -> list[dict]:
 
 # ---------------------------------------------------------------- writers
 
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy through a temporary name and a rename: a reader never sees half an image."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _copy_images(testbed: Testbed, items: list[Item], folder: Path) -> None:
     """Copy scenes and crops next to the JSON file (nothing to do when it is the testbed)."""
     if folder.resolve() == testbed.root.resolve():
@@ -106,8 +114,8 @@ def _copy_images(testbed: Testbed, items: list[Item], folder: Path) -> None:
     for sub in ("images", "crops"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for it in items:
-        shutil.copyfile(testbed.image_path(it), folder / "images" / f"{it.id}.png")
-        shutil.copyfile(testbed.crop_path(it), folder / "crops" / f"{it.id}.png")
+        _copy_file(testbed.image_path(it), folder / "images" / f"{it.id}.png")
+        _copy_file(testbed.crop_path(it), folder / "crops" / f"{it.id}.png")
 
 
 def _write_json(samples: list, path: Path) -> Path:
@@ -141,11 +149,21 @@ def _export(testbed: Testbed, split: str, path, make) -> Path:
     """Write the samples `make` builds for a split, images copied next to the file."""
     path = Path(path)
     ensure_writable(path.parent)
+    items = _split_items(testbed, split)
+    if path.exists():  # an earlier export must not point at images half replaced by this one
+        path.unlink()
+    _copy_images(testbed, items, path.parent)
+    return _write_json([make(it) for it in items], path)
+
+
+def _split_items(testbed: Testbed, split: str) -> list[Item]:
+    """The items of a split; an unknown or empty split is an error naming it."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: not one of {', '.join(SPLITS)}")
     items = testbed.items(split=split)
     if not items:
         raise ValueError(f"split {split!r} of the testbed at {testbed.root} has no items")
-    _copy_images(testbed, items, path.parent)
-    return _write_json([make(it) for it in items], path)
+    return items
 
 
 def to_monet_sft(testbed: Testbed, split: str, path) -> Path:
@@ -167,7 +185,7 @@ def to_hrbench_tsv(testbed: Testbed, split: str, path) -> Path:
     """Write an HR-Bench-style TSV (images inline as base64 PNG; category = task family)."""
     path = Path(path)
     ensure_writable(path.parent)
-    items = testbed.items(split=split)
+    items = _split_items(testbed, split)
     rows = [dict(index=i, question=it.question, **dict(zip(LETTERS, it.options)),
                  answer=it.answer, category=it.family, cycle_category="cycle_0",
                  image=_b64_png(testbed.image_path(it))) for i, it in enumerate(items)]
@@ -220,21 +238,36 @@ def _check_turns(path: Path, i: int, sample) -> list:
             kind = c.get("type") if isinstance(c, dict) else None
             if kind == "text" and isinstance(c.get("text"), str):
                 continue
-            if kind == "image" and isinstance(c.get("image_file_name", c.get("image")), str):
+            if kind == "image" and image_ref(c) is not None:
                 continue
             raise _bad(path, f"sample {i} turn {t} item {j}: expected a text item with 'text' "
                              "or an image item with 'image_file_name'")
     return sample["data"]
 
 
+def image_ref(item: dict) -> str | None:
+    """The path of an image content item, whichever key the format uses (Monet-SFT-125K's
+    `image_file_name`, or `image` / `image_url` / `path` as in Qwen's chat format)."""
+    for key in IMAGE_KEYS:
+        v = item.get(key)
+        if isinstance(v, dict):
+            v = v.get("url")
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
 def _check_images(path: Path, i: int, turns: list, root: Path) -> None:
-    """Every referenced image file exists under `root`."""
+    """Every referenced image file exists under `root` and starts like an image file."""
     for turn in turns:
         for c in turn["content"]:
             if c["type"] == "image":
-                f = root / c.get("image_file_name", c.get("image"))
+                f = root / image_ref(c)
                 if not f.is_file():
                     raise _bad(path, f"sample {i}: image file {f} does not exist")
+                with open(f, "rb") as fh:
+                    if not fh.read(8).startswith(_IMAGE_MAGIC):
+                        raise _bad(path, f"sample {i}: image file {f} is not a PNG/JPEG/GIF/WebP/BMP")
 
 
 def _assistant(turns: list) -> list:
@@ -307,11 +340,49 @@ def _check_b64(path: Path, index, value) -> None:
         raise _bad(path, f"row index={index}: 'image' does not decode to a PNG/JPEG/GIF/WebP/BMP")
 
 
+def _resolve_references(path: Path, df: pd.DataFrame) -> list[str]:
+    """Each row's base64 image; a cell of at most 64 characters that is another row's index
+    refers to that row's image (VLMEvalKit's convention). Indices must be unique."""
+    dup = sorted(set(df["index"][df["index"].duplicated()]))
+    if dup:
+        raise _bad(path, f"index {', '.join(dup[:5])} occurs more than once; image references "
+                         "by index would be ambiguous")
+    by_index = dict(zip(df["index"], df["image"]))
+    images = []
+    for index, cell in zip(df["index"], df["image"]):
+        if len(cell) <= 64 and cell in by_index:
+            target = by_index[cell]
+            if len(target) <= 64:
+                raise _bad(path, f"row index={index}: 'image' refers to row {cell}, whose image is "
+                                 f"not base64 data either ({target!r})")
+            cell = target
+        elif len(cell) <= 64 and not cell:
+            raise _bad(path, f"row index={index}: 'image' is empty")
+        images.append(cell)
+    return images
+
+
+def _check_rows(path: Path, df: pd.DataFrame) -> None:
+    """Every row has a question, four non-empty options and an answer that is exactly one of A-D."""
+    if not len(df):
+        raise _bad(path, "no rows (only a header)")
+    for row in df.itertuples(index=False):
+        r = row._asdict()
+        index = r["index"]
+        if r["answer"] not in tuple(LETTERS):
+            raise _bad(path, f"row index={index}: answer {r['answer']!r} is not exactly one of A, B, C, D")
+        if not r["question"].strip():
+            raise _bad(path, f"row index={index}: the question is empty")
+        empty = [c for c in LETTERS if not r[c].strip()]
+        if empty:
+            raise _bad(path, f"row index={index}: option(s) {', '.join(empty)} are empty")
+
+
 def read_hrbench_tsv(path) -> pd.DataFrame:
     """Read and validate an HR-Bench-style TSV (images stay base64; see `decode_image`).
 
     As in VLMEvalKit, an 'image' cell of at most 64 characters that names another row's
-    index refers to that row's image; such references are resolved.
+    index refers to that row's image; such references are resolved (indices must be unique).
     """
     path = Path(path)
     if not path.is_file():
@@ -323,11 +394,9 @@ def read_hrbench_tsv(path) -> pd.DataFrame:
     missing = [c for c in HRBENCH_REQUIRED if c not in df.columns]
     if missing:
         raise _bad(path, f"missing column(s) {', '.join(missing)}; has {', '.join(df.columns)}")
-    by_index = dict(zip(df["index"], df["image"]))
-    images = [by_index.get(v, v) if len(v) <= 64 else v for v in df["image"]]
-    for index, answer, image in zip(df["index"], df["answer"], images):
-        if answer not in LETTERS:
-            raise _bad(path, f"row index={index}: answer {answer!r} is not one of A-D")
+    _check_rows(path, df)
+    images = _resolve_references(path, df)
+    for index, image in zip(df["index"], images):
         _check_b64(path, index, image)
     df["image"] = images
     try:

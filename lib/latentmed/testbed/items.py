@@ -67,8 +67,11 @@ class TestbedConfig:
 
     def __post_init__(self) -> None:
         """Normalise sequences to tuples and reject parameters the generator cannot honour."""
-        object.__setattr__(self, "n_objects", tuple(self.n_objects))
-        object.__setattr__(self, "families", tuple(self.families))
+        for name in ("n_objects", "families"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+                _fail(name, f"must be a list or tuple, got {type(v).__name__} {v!r}")
+            object.__setattr__(self, name, tuple(v))
         _validate(self)
 
     @property
@@ -95,7 +98,12 @@ class TestbedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TestbedConfig":
-        """Inverse of `to_dict`; unknown keys are an error."""
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        if not isinstance(d, dict):
+            raise TypeError(f"TestbedConfig: expected a dict of settings, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"TestbedConfig: unknown field(s) {', '.join(unknown)}")
         return cls(**d)
 
 
@@ -176,11 +184,15 @@ class Item:
     @classmethod
     def from_dict(cls, d: dict) -> "Item":
         """Inverse of `to_dict` (images are attached separately)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"an item must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"image", "crop"}
         missing = names - set(d)
         if missing:
             raise KeyError(f"item is missing fields: {', '.join(sorted(missing))}")
-        return cls(**{k: d[k] for k in names})
+        item = cls(**{k: d[k] for k in names})
+        _check_item(item)
+        return item
 
     def scene_objects(self) -> list[SceneObject]:
         """The objects as `SceneObject`s."""
@@ -190,6 +202,30 @@ class Item:
     def answer_index(self) -> int:
         """0-3 index of the right option."""
         return LETTERS.index(self.answer)
+
+
+def _check_item(it: Item) -> None:
+    """The fields every reader relies on: split, family, four distinct options, the answer's letter
+    and word agreeing (a ValueError naming the item and the field)."""
+    def bad(name: str, msg: str):
+        raise ValueError(f"item {it.id!r}: {name} {msg}")
+
+    if not isinstance(it.id, str) or not it.id:
+        bad("id", f"must be a non-empty string, got {it.id!r}")
+    if it.split not in SPLITS:
+        bad("split", f"{it.split!r} is not one of {', '.join(SPLITS)}")
+    if it.family not in FAMILIES:
+        bad("family", f"{it.family!r} is not one of {', '.join(FAMILIES)}")
+    if not isinstance(it.question, str) or not it.question.strip():
+        bad("question", "is empty")
+    opts = it.options
+    if not isinstance(opts, list) or len(opts) != len(LETTERS) or len(set(map(str, opts))) != len(opts) \
+            or not all(isinstance(o, str) and o for o in opts):
+        bad("options", f"must be {len(LETTERS)} distinct non-empty strings, got {opts!r}")
+    if not isinstance(it.answer, str) or len(it.answer) != 1 or it.answer not in LETTERS:
+        bad("answer", f"{it.answer!r} is not one of the letters {', '.join(LETTERS)}")
+    if opts[LETTERS.index(it.answer)] != it.answer_word:
+        bad("answer_word", f"{it.answer_word!r} is not option {it.answer} ({opts[LETTERS.index(it.answer)]!r})")
 
 
 # ---------------------------------------------------------------- item generation

@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..engine import layouts
+from ..engine.inputs import pixels
+from ..engine.query import as_image
 from ..engine.tiny import image_processor
-from ..files import atomic_save_tensors, settings_hash, state_hash
+from ..files import DamagedFileError, atomic_save_tensors, load_tensors, settings_hash, state_hash
 from ..testbed.items import TestbedConfig, make_item
 
 
 def pixel_inputs(images, processor):
-    out = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-    return out["pixel_values"], out["image_grid_thw"]
+    """Pixel patches and grid of `images` (paths and arrays too), each checked by the engine's rule."""
+    return pixels(processor, [as_image(im, f"image {i}") for i, im in enumerate(images)])
 
 
 @torch.no_grad()
@@ -58,6 +59,29 @@ class FeatureBank:
         return out
 
 
+def _check_counts(counts: dict, config: TestbedConfig, offset: int) -> None:
+    """Items per family: non-negative integers for families the testbed has."""
+    unknown = sorted(set(counts) - set(config.families))
+    if unknown:
+        raise ValueError(f"per_family: unknown task famil(ies) {', '.join(map(repr, unknown))}; "
+                         f"the testbed has {', '.join(config.families)}")
+    for f, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"per_family[{f!r}]: must be an integer >= 0, got {n!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset: must be an integer >= 0, got {offset!r}")
+
+
+def _load_cached(path: Path, n: int) -> torch.Tensor:
+    """A cached kind of tokens [n, T, H]; a damaged or foreign cache file is an error naming it."""
+    t = load_tensors(path, "feature-bank cache").get("tokens")
+    if t is None or (n == 0 and t.numel() != 0) or (n > 0 and (t.dim() != 3 or len(t) != n)):
+        shape = None if t is None else tuple(t.shape)
+        raise DamagedFileError(f"{path}: expected 'tokens' of shape [{n}, T, H], got {shape}; "
+                               "delete it and rebuild the feature-bank cache")
+    return t
+
+
 def build_bank(model, config: TestbedConfig, split: str, per_family: int | dict, kinds=("main",),
                cache_dir: Path | None = None, progress: bool = True, offset: int = 0) -> FeatureBank:
     """Make items (`make_item`) and compute their tower tokens, each kind cached on disk.
@@ -67,12 +91,13 @@ def build_bank(model, config: TestbedConfig, split: str, per_family: int | dict,
     the split, the item counts and the kind.
     """
     counts = per_family if isinstance(per_family, dict) else {f: per_family for f in config.families}
+    _check_counts(counts, config, offset)
     keys = [(f, offset + i) for f in config.families for i in range(counts.get(f, 0))]
     base_key = dict(tower=state_hash(model.model.visual), config=config.to_dict(), split=split, counts=counts,
                     offset=offset)
     paths = {k: (Path(cache_dir) / f"bank-{split}-{k}-{settings_hash(dict(base_key, kind=k))}.safetensors"
                  if cache_dir else None) for k in kinds}
-    tensors = {k: load_file(str(p))["tokens"] for k, p in paths.items() if p is not None and p.exists()}
+    tensors = {k: _load_cached(p, len(keys)) for k, p in paths.items() if p is not None and p.exists()}
     todo = [k for k in kinds if k not in tensors]
     processor = image_processor()
     parts: dict[str, list] = {k: [] for k in todo}

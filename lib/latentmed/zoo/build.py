@@ -9,7 +9,6 @@ the weights that checkpoint recorded. Every checkpoint folder is in the real lay
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -21,9 +20,12 @@ from ..engine.spec import LatentSpec
 from ..engine.tiny import save_checkpoint, tiny_config, tiny_model
 from ..engine.tokenizer import build_tokenizer
 from ..files import (
+    MARKER,
+    DamagedFileError,
     atomic_save_tensors,
     atomic_write_json,
     file_hash,
+    read_json,
     is_owned,
     mark_owned,
     remove_owned,
@@ -49,25 +51,32 @@ RUNS = "runs"  # marker kind of the resumable training state under <zoo>/_runs
 
 
 def is_trained(folder: Path, want_hash: str) -> bool:
-    """A finished checkpoint with the wanted settings whose weights are the ones it recorded."""
-    f = Path(folder) / ZOO_FILE
+    """A finished checkpoint with the wanted settings whose files are all the ones it recorded
+    (a truncated or replaced file, e.g. weights cut by a kill or a copy, is retrained)."""
+    folder = Path(folder)
+    f = folder / ZOO_FILE
     if not f.exists():
         return False
     try:
-        info = json.loads(f.read_text())
-        checkpoint.weight_files(Path(folder))
+        info = read_info(folder)
+        checkpoint.weight_files(folder)
     except (ValueError, OSError):
         return False
     if info.get("hash") != want_hash or not info.get("complete", False):
         return False
-    return info.get("weights_hash") == file_hash(Path(folder) / "model.safetensors")
+    hashes = info.get("file_hashes") or {"model.safetensors": info.get("weights_hash")}
+    return all((folder / name).is_file() and file_hash(folder / name) == h for name, h in hashes.items())
 
 
 def read_info(folder: str | Path) -> dict:
+    """A zoo checkpoint's zoo.json (an error naming it when it is missing or damaged)."""
     path = Path(folder) / ZOO_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a zoo checkpoint (no {ZOO_FILE})")
-    return json.loads(path.read_text())
+    info = read_json(path, "zoo checkpoint record")
+    if not isinstance(info, dict):
+        raise DamagedFileError(f"{path}: expected a JSON object")
+    return info
 
 
 def testbed_config(path: Path | None = None) -> TestbedConfig:
@@ -75,13 +84,25 @@ def testbed_config(path: Path | None = None) -> TestbedConfig:
     path = Path(path) if path else data_dir() / "testbed"
     manifest = path / "manifest.json"
     if manifest.exists():
-        d = json.loads(manifest.read_text())
-        d = d.get("config", d)
+        d = read_json(manifest, "testbed manifest")
+        d = d.get("config", d) if isinstance(d, dict) else d
         try:
             return TestbedConfig.from_dict(d)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{manifest}: not a testbed manifest ({exc})") from exc
     return TestbedConfig()
+
+
+def check_replaceable(folder: Path) -> None:
+    """Before training: the model's folder is new, empty or a zoo checkpoint (which a retrain
+    replaces); a folder of someone else's files is refused now, not after minutes of training."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FileExistsError(f"{folder}: exists and is not a folder; refusing to replace it")
+    if folder.is_dir() and any(folder.iterdir()) and not is_owned(folder, CHECKPOINT) \
+            and not (folder / ZOO_FILE).exists():
+        raise FileExistsError(f"{folder}: holds files but is not a zoo checkpoint (no {MARKER} marker, no "
+                              f"{ZOO_FILE}); refusing to replace it: choose another zoo folder")
 
 
 def _concat_curves(folder: Path, stage_dirs: list[Path]) -> None:
@@ -110,9 +131,13 @@ def _finish(folder: Path, model, tok, spec: LatentSpec, info: dict, constant=Non
     if constant is not None:
         atomic_save_tensors({"latent": constant}, tmp / checkpoint.CONSTANT_FILE)
     info["weights_hash"] = file_hash(tmp / "model.safetensors")
+    info["file_hashes"] = {p.name: file_hash(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MARKER}
     info["complete"] = True
     atomic_write_json(tmp / ZOO_FILE, info)
-    if folder.exists() and not is_owned(folder) and (folder / ZOO_FILE).exists():
+    check_replaceable(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    elif folder.exists() and not is_owned(folder) and (folder / ZOO_FILE).exists():
         mark_owned(folder, CHECKPOINT)  # a checkpoint of an earlier version of this code
     replace_folder(tmp, folder, CHECKPOINT)
 
@@ -150,6 +175,9 @@ class Zoo:
         path = self.root / "_runs" / f"{name}-{h}"
         if force and path.exists():
             remove_owned(path, RUNS)
+        if path.is_dir() and any(path.iterdir()) and not is_owned(path, RUNS):
+            raise FileExistsError(f"{path}: holds files but is not a training state latentmed wrote (no {MARKER} "
+                                  "marker); refusing to resume from it or delete it")
         return mark_owned(path, RUNS)
 
     # ------------------------------------------------------------ base
@@ -160,6 +188,7 @@ class Zoo:
         h = settings_hash(s)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
+        check_replaceable(folder)
         t0 = _start()
         runs = self.runs(BASE, h, force)
         tok = build_tokenizer(VOCABULARY)
@@ -200,6 +229,7 @@ class Zoo:
         h = settings_hash(s)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
+        check_replaceable(folder)
         t0 = _start()
         runs = self.runs(name, h, force)
         x = checkpoint.load(base_folder)

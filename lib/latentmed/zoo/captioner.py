@@ -21,11 +21,15 @@ tiny random model). `testbed_interleaved` writes testbed items in the same inter
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
+
+from ..files import atomic_write_json
+from ..testbed.exports import IMAGE_KEYS, image_ref
 
 ABS_VIS = "<abs_vis_token></abs_vis_token>"
 IMAGINE_START, IMAGINE_END = "<imagine>", "</imagine>"
@@ -45,8 +49,21 @@ class GroundTruthCaptioner:
 
     def caption(self, image, context: str, key: str | None = None) -> str:
         if key not in self.captions:
-            raise KeyError(f"no ground-truth caption for image {key!r}")
+            raise ValueError(f"no ground-truth caption for image {key!r}")
         return self.captions[key]
+
+    @classmethod
+    def from_samples(cls, samples: list[dict]) -> "GroundTruthCaptioner":
+        """Captions of the auxiliary images of samples that carry theirs in `metadata["caption"]`
+        (the testbed's Monet-SFT export, `latentmed.testbed.exports.to_monet_sft`)."""
+        captions = {}
+        for s in samples:
+            cap = s.get("metadata", {}).get("caption")
+            for turn in s["data"]:
+                refs = [image_ref(c) for c in turn["content"] if c.get("type") == "image"]
+                if turn["role"] == "assistant" and cap:
+                    captions.update({r: cap for r in refs if r})
+        return cls(captions)
 
 
 class ModelCaptioner:
@@ -54,18 +71,15 @@ class ModelCaptioner:
 
     def __init__(self, folder: str | Path, prompt: str = "Describe what this image region shows.",
                  max_new_tokens: int = 32):
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from ..engine import checkpoint
 
-        from ..engine.tiny import image_processor
-        from ..engine.tokenizer import load_tokenizer
-
-        folder = Path(folder)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
-        self.tok = load_tokenizer(folder)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True,
-                                                                        local_files_only=True).eval()
-        self.processor = image_processor()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"ModelCaptioner.max_new_tokens: must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"ModelCaptioner.prompt: must be a non-empty string, got {prompt!r}")
+        # the engine's loader checks every file of the folder and names the one that is wrong
+        x = checkpoint.load(folder, method="direct")
+        self.tok, self.model, self.processor = x.tokenizer, x.model, x.processor
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def caption(self, image, context: str, key: str | None = None) -> str:
@@ -98,12 +112,22 @@ def _turns(sample: dict, where: str) -> list:
     return sample["data"]
 
 
-def _image_ref(item: dict):
-    for k in ("image", "image_url", "path"):
-        if k in item:
-            v = item[k]
-            return v.get("url") if isinstance(v, dict) else v
-    raise ValueError(f"image item without a path: {item!r}")
+def _image_ref(item: dict, where: str = "sample") -> str:
+    """The file an image item names (every key the formats use, `exports.image_ref`)."""
+    ref = image_ref(item)
+    if ref is None:
+        raise ValueError(f"{where}: image item without a path ({', '.join(IMAGE_KEYS)}): {item!r}")
+    return ref
+
+
+def open_image(path: Path, where: str) -> Image.Image:
+    """An image file decoded and checked (size, aspect) by the engine's rule, or an error naming it."""
+    from ..engine.query import as_image
+
+    try:
+        return as_image(path, where)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: cannot use image {path} ({exc})") from exc
 
 
 def load_interleaved(path: str | Path) -> list[dict]:
@@ -111,7 +135,10 @@ def load_interleaved(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -121,6 +148,8 @@ def load_interleaved(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: neither JSON nor JSON lines ({exc})") from exc
     if isinstance(data, dict):
         data = [data]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of samples, got {str(data)[:80]!r}")
     for i, s in enumerate(data):
         _turns(s, f"{path} sample {i}")
     return data
@@ -137,19 +166,22 @@ def to_capimagine(sample: dict, captioner: Captioner, image_root: str | Path = "
             continue
         pieces, context = [], ""
         for item in turn["content"]:
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: a content item must be an object, got {item!r}")
             if item.get("type") == "text":
+                if not isinstance(item.get("text"), str):
+                    raise ValueError(f"{where}: text item without a 'text' string: {item!r}")
                 pieces.append(item["text"])
                 context += item["text"]
             elif item.get("type") == "image":
-                ref = _image_ref(item)
+                ref = _image_ref(item, where)
                 if not pieces or ABS_VIS not in pieces[-1]:
                     raise ValueError(f"{where}: auxiliary image {ref!r} is not announced by {ABS_VIS}")
-                img_path = image_root / ref
-                try:
-                    image = Image.open(img_path).convert("RGB")
-                except (FileNotFoundError, OSError) as exc:
-                    raise ValueError(f"{where}: cannot read auxiliary image {img_path} ({exc})") from exc
-                cap = captioner.caption(image, context, key=ref).strip()
+                image = open_image(image_root / ref, f"{where} auxiliary image")
+                cap = captioner.caption(image, context, key=ref)
+                if not isinstance(cap, str) or not cap.strip():
+                    raise ValueError(f"{where}: the captioner gave no caption for {ref!r} ({cap!r})")
+                cap = cap.strip()
                 last = pieces[-1]
                 i = last.rindex(ABS_VIS)
                 pieces[-1] = last[:i] + f"{IMAGINE_START} {cap} {IMAGINE_END}" + last[i + len(ABS_VIS):]
@@ -169,7 +201,7 @@ def convert_file(src: str | Path, dst: str | Path, captioner: Captioner, image_r
     root = Path(image_root) if image_root else src.parent
     out = [to_capimagine(s, captioner, root, f"{src} sample {i}") for i, s in enumerate(samples)]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=1))
+    atomic_write_json(dst, out)
     return len(out)
 
 
@@ -184,9 +216,11 @@ def testbed_interleaved(items, out_dir: str | Path) -> tuple[Path, GroundTruthCa
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     samples, captions = [], {}
     for it in items:
+        if it.image is None or it.crop is None:
+            raise ValueError(f"item {it.id}: no image or crop attached (use Testbed.with_images or make_item)")
         img, crop = f"images/{it.id}.png", f"images/{it.id}-crop.png"
-        it.image.save(out_dir / img)
-        it.crop.save(out_dir / crop)
+        _save_png(it.image, out_dir / img)
+        _save_png(it.crop, out_dir / crop)
         captions[crop] = it.caption
         options = " ".join(f"{letter}. {o}" for letter, o in zip("ABCD", it.options))
         samples.append({"data": [
@@ -198,9 +232,15 @@ def testbed_interleaved(items, out_dir: str | Path) -> tuple[Path, GroundTruthCa
                 {"type": "image", "image": crop},
                 {"type": "text", "text": f"{OBS_START}{it.caption}{OBS_END} The answer is \\boxed{{{it.answer}}}."}]},
         ], "metadata": {"id": it.id, "family": it.family}})
-    path = out_dir / "interleaved.json"
-    path.write_text(json.dumps(samples, indent=1))
+    path = atomic_write_json(out_dir / "interleaved.json", samples)
     return path, GroundTruthCaptioner(captions)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary name and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def imagination(sample: dict) -> list[str]:

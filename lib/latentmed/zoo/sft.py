@@ -8,53 +8,65 @@ processes. The data is the CapImagine-format JSON that `latentmed.captioner` wri
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import check_tokenizer, read_config, weight_files
-from ..engine.tiny import image_processor
+from ..engine import checkpoint
+from ..files import atomic_write_json, is_owned, mark_owned, replace_folder
+
+SFT_KIND = "sft"  # marker kind of the checkpoint folders `sft` writes
 
 
-def sft_examples(samples: list[dict], tok, processor, image_root: str | Path) -> list[dict]:
+def _messages(sample: dict, image_root: Path, where: str) -> tuple[list[dict], list]:
+    """Chat messages (images as placeholders) and the images they show, read and checked."""
+    from .captioner import _image_ref, _turns, open_image
+
+    msgs, images = [], []
+    for turn in _turns(sample, where):
+        content = []
+        for item in turn["content"]:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "image":
+                images.append(open_image(image_root / _image_ref(item, where), f"{where} image"))
+                content.append({"type": "image"})
+            elif kind == "text" and isinstance(item.get("text"), str):
+                content.append({"type": "text", "text": item["text"]})
+            else:
+                raise ValueError(f"{where}: expected a text item with 'text' or an image item, got {item!r}")
+        msgs.append({"role": turn["role"], "content": content})
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last turn must be the assistant's")
+    return msgs, images
+
+
+def sft_examples(samples: list[dict], tok, processor, image_root: str | Path, source: str = "data") -> list[dict]:
     """Chat samples (CapImagine format, see `latentmed.captioner`) -> tokenised examples.
 
     The user turn (images + text) is the prompt; the loss covers the assistant's text only (its
-    imagination and answer) and the end-of-turn token.
+    imagination and answer) and the end-of-turn token. Image items may name their file with any
+    key the formats use (`image_file_name`, `image`, ...), relative to `image_root`.
     """
-    from PIL import Image
-
     from ..engine.inputs import encode
 
     image_root = Path(image_root)
     out = []
     for i, s in enumerate(samples):
-        msgs, images = [], []
-        for turn in s["data"]:
-            content = []
-            for item in turn["content"]:
-                if item.get("type") == "image":
-                    ref = item.get("image") or item.get("image_url") or item.get("path")
-                    try:
-                        images.append(Image.open(image_root / ref).convert("RGB"))
-                    except (FileNotFoundError, OSError) as exc:
-                        raise ValueError(f"sample {i}: cannot read image {image_root / ref} ({exc})") from exc
-                    content.append({"type": "image"})
-                else:
-                    content.append({"type": "text", "text": item["text"]})
-            msgs.append({"role": turn["role"], "content": content})
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise ValueError(f"sample {i}: the last turn must be the assistant's")
+        where = f"{source} sample {i}"
+        msgs, images = _messages(s, image_root, where)
         prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs, tokenize=False)
         if not full.startswith(prompt):
-            raise ValueError(f"sample {i}: chat template does not extend the prompt")
+            raise ValueError(f"{where}: chat template does not extend the prompt")
         enc = encode(tok, processor, full.rstrip("\n"), images)
         n_prompt = encode(tok, processor, prompt, images).input_ids.shape[1]
         ids = enc.input_ids[0]
         labels = ids.clone()
         labels[:n_prompt] = -100
+        if not (labels != -100).any():
+            raise ValueError(f"{where}: the assistant turn is empty; nothing to train on")
         out.append(dict(input_ids=ids, labels=labels, pixel_values=enc.pixel_values,
                         image_grid_thw=enc.image_grid_thw))
     return out
@@ -82,6 +94,19 @@ class SFTCollator:
         return batch
 
 
+def _check_settings(**kw) -> None:
+    """Training settings that the HF Trainer would take silently or fail on deep inside."""
+    if not isinstance(kw["max_steps"], int) or (kw["max_steps"] < 1 and kw["max_steps"] != -1):
+        raise ValueError(f"max_steps: must be -1 (use epochs) or an integer >= 1, got {kw['max_steps']!r}")
+    for name in ("batch_size", "grad_accum"):
+        if not isinstance(kw[name], int) or isinstance(kw[name], bool) or kw[name] < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {kw[name]!r}")
+    for name in ("epochs", "lr"):
+        v = kw[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: must be a finite number > 0, got {v!r}")
+
+
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -95,24 +120,18 @@ def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_roo
     trains on one device (`lora=True` for one GPU), launched with `accelerate launch` (e.g.
     configs/accelerate/fsdp.yaml) it trains data-parallel/FSDP. Returns the trainer's metrics.
     """
-    from transformers import (
-        Qwen2_5_VLForConditionalGeneration,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import Trainer, TrainingArguments
 
-    from ..engine.tokenizer import load_tokenizer
     from .captioner import load_interleaved
 
-    model_path, data = Path(model_path), Path(data)
-    tok = load_tokenizer(model_path)
-    check_tokenizer(model_path, read_config(model_path), tok)
-    weight_files(model_path)
-    processor = image_processor()
-    examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(model_path), use_safetensors=True, local_files_only=True,
-        dtype=torch.bfloat16 if bf16 else torch.float32)
+    model_path, data, out_dir = Path(model_path), Path(data), Path(out_dir)
+    _check_settings(max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum)
+    if save:
+        _check_out(out_dir)
+    # the engine's loader checks config, weights, tokenizer and preprocessor and names what is wrong
+    x = checkpoint.load(model_path, method="direct", dtype=torch.bfloat16 if bf16 else torch.float32)
+    tok, processor, model = x.tokenizer, x.processor, x.model
+    examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent, source=str(data))
     if freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -121,7 +140,8 @@ def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_roo
 
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size,
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    args = TrainingArguments(output_dir=str(partial), per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=grad_accum, learning_rate=lr, max_steps=max_steps,
                              num_train_epochs=epochs, logging_steps=1, save_strategy="no", report_to=[],
                              bf16=bf16, seed=seed, data_seed=seed, remove_unused_columns=False,
@@ -135,12 +155,31 @@ def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_roo
                    backend=str(torch.distributed.get_backend()) if dist else None,
                    losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
     if save and trainer.is_world_process_zero():
-        out_dir = Path(out_dir)
-        (model.merge_and_unload() if lora else model).save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1))
+        _save(model.merge_and_unload() if lora else model, tok, processor, metrics, out_dir)
     return metrics
+
+
+def _check_out(out_dir: Path) -> None:
+    """The output folder may be new, empty, or an earlier result of `sft` (which it replaces);
+    anything else is refused before training, so nothing is overwritten that sft did not write."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise FileExistsError(f"{out_dir}: exists and is not a folder; choose another --out")
+    for folder in (out_dir, out_dir.with_name(out_dir.name + ".partial")):
+        if folder.is_dir() and any(folder.iterdir()) and not is_owned(folder, SFT_KIND):
+            raise FileExistsError(f"{folder}: holds files that `latentmed.zoo.sft` did not write; "
+                                  "refusing to replace them: choose a new or empty --out")
+
+
+def _save(model, tok, processor, metrics: dict, out_dir: Path) -> Path:
+    """Write the checkpoint into `<out>.partial`, metrics last, then swap it in with renames."""
+    partial = mark_owned(out_dir.with_name(out_dir.name + ".partial"), SFT_KIND)
+    model.save_pretrained(partial, safe_serialization=True)
+    tok.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    atomic_write_json(partial / "sft_metrics.json", metrics)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    return replace_folder(partial, out_dir, SFT_KIND)
 
 
 def main(argv=None) -> None:
