@@ -2,8 +2,12 @@
 # Create or refresh the project's virtual environment (.venv) from requirements.txt.
 # Idempotent: does nothing when .venv already matches requirements.txt and pyproject.toml.
 # LATENTMED_TORCH="torch==X.Y.Z" installs another torch build after the pinned set (e.g. CUDA).
+# --browser also installs the headless browser the book's page test drives (scripts/browser.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--browser" ]; then
+  bash scripts/browser.sh
+fi
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ needed, found " + sys.version.split()[0]'
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)-${LATENTMED_TORCH:-}

@@ -3,7 +3,8 @@
 # notebooks (tests/notebooks/*.ipynb, executed copies with CI parameters) in one pytest run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/env.sh || exit 1
+# the environment, plus Debian's chromium for the book's browser test (tests/test_browser.py)
+bash scripts/env.sh --browser || exit 1
 # Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning made torch 4x slower.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # Tests and notebook checks keep their generated files apart from the main build.

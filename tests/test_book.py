@@ -54,3 +54,69 @@ def test_cli_help_lists_the_steps(capsys):
     out = capsys.readouterr().out
     for step in ("build", "testbed", "train", "notebooks", "html", "nbval-refresh"):
         assert step in out
+
+
+# ---------------------------------------------------------------- how chapters are written
+
+CHART_CALL = ("plots.line_chart", "plots.accuracy_bars", "plots.readability_chart", "plots.interval_chart",
+              "plots.count_bars")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_chapters_check_parameters_hide_plumbing_and_keep_charts_out_of_the_comparison(path):
+    cells = _cells(path)
+    codes = [c for c in cells if c["cell_type"] == "code"]
+    params = next(i for i, c in enumerate(codes) if "parameters" in c["metadata"].get("tags", []))
+    first = codes[params + 1]
+    lines = [ln for ln in "".join(first["source"]).splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[:2] == ["from latentmed import book", f'book.check_parameters(globals(), "{path.stem}")'], lines[:2]
+    assert "remove-input" in first["metadata"].get("tags", []), "the plumbing cell is hidden in the book"
+    for c in codes[params + 1:]:
+        src = "".join(c["source"])
+        tags = c["metadata"].get("tags", [])
+        assert {"remove-input", "hide-input", "remove-cell"} & set(tags), f"code shown to every reader:\n{src[:200]}"
+        if any(call in src for call in CHART_CALL):
+            # a chart's SVG carries float coordinates that differ between machines: nbval skips
+            # the cell, and the numbers it shows are in a table of another cell
+            assert "nbval-ignore-output" in tags, f"chart cell without nbval-ignore-output:\n{src[:200]}"
+            assert "display(pd" not in src and ".round(" not in src, f"a table in a chart cell:\n{src[:200]}"
+
+
+def test_data_and_models_parameters_mean_the_folders_that_hold_testbed_and_zoo():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        src = "\n".join("".join(c["source"]) for c in _cells(path) if c["cell_type"] == "code")
+        declared = book.declared_parameters(path)
+        if "data_dir" in declared:
+            assert '(Path(data_dir) if data_dir else paths.data_dir()) / "testbed"' in src, path.name
+        if "models_dir" in declared:
+            assert '(Path(models_dir) if models_dir else paths.models_dir()) / "zoo"' in src, path.name
+
+
+def test_chapter_refs_link_present_chapters_and_name_absent_ones():
+    present = book.available()[0]
+    n = book.chapter_number(present.name)
+    assert book.chapter_ref(n) == f"{{doc}}`chapter {n} <{present.name}>`"
+    assert book.chapter_ref(n, "Chapter X") == f"{{doc}}`Chapter X <{present.name}>`"
+    absent = next(k for k in book.PLANNED if book.present(k) is None)
+    ref = book.chapter_ref(absent)
+    assert "{doc}" not in ref and "not in this build" in ref and book.PLANNED[absent] in ref
+
+
+def test_contents_markdown_lists_built_and_planned_chapters_and_the_tracks():
+    text = book.contents_markdown(["book/intro", "book/chapters/01_testbed", "book/chapters/02_zoo"])
+    assert "{doc}`The testbed </book/chapters/01_testbed>`" in text
+    assert "3. Input -> latent" in text and "Real checkpoints: not in this build" in text
+    with_real = book.contents_markdown(["book/chapters/08_real"])
+    assert "Real checkpoints: chapter 8." in with_real
+
+
+def test_stage_book_refuses_a_chapter_that_is_not_executed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not executed there"):
+        book.stage_book(tmp_path / "empty", tmp_path / "stage")
+
+
+def test_intro_writes_what_this_build_holds_and_config_loads_the_extension():
+    assert "```{latentmed-contents}" in (ROOT / "book" / "intro.md").read_text()
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert "latentmed.book" in cfg["sphinx"]["extra_extensions"]
+    assert cfg["sphinx"]["config"]["nb_render_markdown_format"] == "myst"

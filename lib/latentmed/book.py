@@ -43,10 +43,11 @@ class Chapter:
 CI_TESTBED = dict(n_train=40, n_val=8, n_test=40)
 
 CHAPTERS = [
-    Chapter("01_testbed", ci_params=dict(CI_TESTBED, n_examples=2),
+    Chapter("01_testbed", ci_params=dict(CI_TESTBED, n_examples=2, n_readability=20),
             inputs=("data:testbed/manifest.json",)),
     Chapter("02_zoo", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
+    Chapter("08_real", ci_params=dict(demo=True)),  # real track: renders a GPU run's results folder
 ]
 
 
@@ -204,3 +205,142 @@ def build_html(force: bool = False) -> Path:
     print("[book] building HTML")
     subprocess.run(cmd, check=True, cwd=ROOT)
     return ROOT / "_build" / "html" / "index.html"
+
+
+# ---------------------------------------------------------------- cross-references and contents
+
+# The study's chapters as DESIGN.md plans them; `available()` says which exist in this checkout.
+PLANNED = {1: "The testbed", 2: "The model zoo", 3: "Input -> latent", 4: "Latent -> answer", 5: "Probing",
+           6: "Mediation", 7: "CapImagine", 8: "Real checkpoints", 9: "Performance",
+           10: "When do latents become mediators"}
+REAL_TRACK_CHAPTER = 8  # the real-checkpoint track is in a build when this chapter is
+
+
+def chapter_number(name: str) -> int | None:
+    """2 for "02_zoo"; None when the name has no number prefix."""
+    head = name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _in_toc() -> set[str]:
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    return {Path(c["file"]).name for c in toc.get("chapters", [])}
+
+
+def present(number: int) -> Chapter | None:
+    """The chapter with this number when its notebook exists and the table of contents lists it."""
+    toc = _in_toc()
+    return next((c for c in available() if chapter_number(c.name) == number and c.name in toc), None)
+
+
+def chapter_ref(number: int, text: str | None = None) -> str:
+    """MyST for a reference to chapter `number` from another chapter (both in book/chapters/).
+
+    A chapter in this build becomes a {doc} cross-reference, which the build resolves and checks
+    (-n -W); a planned chapter that is not in this build is named as such, never linked.
+    Chapters render text/markdown outputs as MyST (`nb_render_markdown_format` in _config.yml).
+    """
+    title = PLANNED.get(number, f"chapter {number}")
+    c = present(number)
+    if c is not None:
+        return f"{{doc}}`{text or f'chapter {number}'} <{c.name}>`"
+    return f"{text or f'chapter {number}'} (*{title}*, not in this build)"
+
+
+def contents_markdown(docnames) -> str:
+    """The introduction's account of this build: which chapters and tracks it holds (MyST)."""
+    built = {}
+    for doc in docnames:
+        name = Path(doc).name
+        n = chapter_number(name)
+        if doc.startswith("book/chapters/") and n is not None:
+            built[n] = doc
+    lines = ["**Chapters in this build:**", ""]
+    lines += [f"{n}. {{doc}}`{PLANNED.get(n, Path(doc).name)} </{doc}>`" for n, doc in sorted(built.items())] or ["(none)"]
+    missing = [n for n in PLANNED if n not in built]
+    if missing:
+        lines += ["", "**Planned chapters not in this build:** " +
+                  "; ".join(f"{n}. {PLANNED[n]}" for n in missing) + "."]
+    lines += ["", "**Tracks in this build:** the synthetic testbed (every chapter above). " +
+              ("Real checkpoints: chapter 8." if REAL_TRACK_CHAPTER in built else
+               "Real checkpoints: not in this build (no chapter 8); no number in this book comes "
+               "from a real checkpoint.")]
+    return "\n".join(lines)
+
+
+def _page_fixes(app, pagename, templatename, context, doctree) -> None:
+    """Two fixes for console errors on every page of the stock theme stack.
+
+    pydata-sphinx-theme reads the colour mode from `default_mode`, which sphinx-book-theme
+    leaves empty ("Got invalid theme mode"): set it to "auto". sphinx-thebe 0.3.1 registers its
+    inline config script twice (`const THEBE_JS_URL` declared twice: an uncaught SyntaxError):
+    keep the first copy of each script.
+    """
+    if not context.get("default_mode"):
+        context["default_mode"] = "auto"
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, kept = set(), []
+    for js in scripts:
+        key = (str(getattr(js, "filename", js) or ""), getattr(js, "priority", None),
+               tuple(sorted(getattr(js, "attributes", {}).items())))  # the copies differ: filename None vs ""
+        if key not in seen:
+            seen.add(key)
+            kept.append(js)
+    context["script_files"] = kept
+
+
+def setup(app):
+    """Sphinx extension (`_config.yml`: `sphinx: extra_extensions: [latentmed.book]`): the
+    `{latentmed-contents}` directive writes `contents_markdown` for the documents of this build;
+    `_page_fixes` keeps the pages free of console errors."""
+    from docutils import nodes
+    from docutils.statemachine import StringList
+    from sphinx.util.docutils import SphinxDirective
+
+    class Contents(SphinxDirective):
+        def run(self):
+            node = nodes.container(classes=["latentmed-contents"])
+            text = contents_markdown(sorted(self.env.found_docs))
+            self.state.nested_parse(StringList(text.splitlines(), source="latentmed-contents"),
+                                    self.content_offset, node)
+            return [node]
+
+    app.add_directive("latentmed-contents", Contents)
+    app.connect("html-page-context", _page_fixes, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def stage_book(chapters: Path, dest: Path) -> Path:
+    """A buildable copy of the book in `dest` whose chapters are the executed notebooks in
+    `chapters` (e.g. the CI copies in tests/notebooks/): config, toc, the book's own pages."""
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "book" / "chapters").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, dest / name)
+    for page in (ROOT / "book").iterdir():  # the book's own pages and files (not the chapters)
+        if page.is_file():
+            shutil.copy2(page, dest / "book" / page.name)
+    for name in sorted(_in_toc()):
+        src = Path(chapters) / f"{name}.ipynb"
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: the table of contents lists {name}, but it is not executed there")
+        shutil.copy2(src, dest / "book" / "chapters" / src.name)
+    return dest
+
+
+def build_html_at(src: Path, out: Path) -> Path:
+    """Build the book in `src` into `out`/_build/html (warnings and unresolved references fail)."""
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src), "--path-output", str(out),
+           "-W", "-n", "--keep-going", "--all"]
+    res = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"jupyter-book build of {src} failed ({res.returncode}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
+    return Path(out) / "_build" / "html" / "index.html"

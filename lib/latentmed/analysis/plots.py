@@ -1,8 +1,12 @@
 """Altair figures for the book, all in one style.
 
-Call `setup()` once per notebook: it registers the style and renders charts as SVG (static,
-offline and byte-for-byte deterministic, which is what nbval compares). Every helper takes a
-tidy pandas DataFrame and returns a chart, so notebooks stay one line per figure.
+Call `setup()` once per notebook: it registers the style and renders charts as static SVG
+through vl-convert (offline, small and sharp). A chart's SVG holds its data's coordinates, and
+the last digits of a float can differ between machines (a loss curve did), so chapters show
+each chart in a cell of its own tagged `nbval-ignore-output` (the regression test does not
+compare it; `tests/test_book.py` checks the tag) and every number a chart shows in a table,
+which is compared. Every helper takes a tidy pandas DataFrame and returns a chart, so notebooks
+stay one line per figure. Chance lines are dashed and labelled "chance".
 """
 
 from __future__ import annotations
@@ -33,35 +37,44 @@ def _theme() -> alt.theme.ThemeConfig:
     }}
 
 
-def setup(renderer: str = "svg") -> None:
-    """Enable the shared style and a static renderer (SVG by default)."""
+def setup(renderer: str = "svg", scale_factor: float = 2.0) -> None:
+    """Enable the shared style and a static renderer: SVG, or "png" (at `scale_factor`)."""
     alt.theme.enable(THEME)
-    alt.renderers.enable(renderer)
+    if renderer == "png":
+        alt.renderers.enable("png", scale_factor=scale_factor)
+    else:
+        alt.renderers.enable(renderer)
     alt.data_transformers.disable_max_rows()
 
 
 def _chance_rule(chance, colour: str | None = None) -> alt.Chart | None:
-    """Dashed horizontal line(s) at chance: a number, or a DataFrame with 'chance' (+ colour)."""
+    """Dashed, labelled horizontal line at chance: a number, or a DataFrame with 'chance'
+    (one line per row, e.g. per family; `colour` names a column to colour them by)."""
     if chance is None:
         return None
     data = chance if isinstance(chance, pd.DataFrame) else pd.DataFrame({"chance": [chance]})
+    data = data.assign(chance_label=[f"chance {c:.2g}" for c in data["chance"]])
     enc = {"y": alt.Y("chance:Q")}
     if colour and colour in data.columns:
         enc["color"] = alt.Color(f"{colour}:N", sort=None)
     mark = {"strokeDash": [4, 3], "opacity": 0.7}
     if "color" not in enc:
         mark["color"] = "grey"
-    return alt.Chart(data).mark_rule(**mark).encode(**enc)
+    rule = alt.Chart(data).mark_rule(**mark).encode(**enc)
+    label = alt.Chart(data).mark_text(align="left", baseline="bottom", dx=2, dy=-1, fontSize=10, color="grey").encode(
+        y="chance:Q", x=alt.value(2), text="chance_label:N")
+    return rule + label
 
 
 def accuracy_bars(df: pd.DataFrame, x: str = "model", y: str = "accuracy",
                   lo: str | None = "ci_low", hi: str | None = "ci_high",
                   colour: str | None = None, column: str | None = None,
-                  chance: float | str | None = None, title: str = "") -> alt.Chart:
-    """Bars of accuracy (0-1) with interval whiskers from `lo`/`hi` and a dashed chance line.
+                  chance: float | str | None = None, title: str = "", column_order=None) -> alt.Chart:
+    """Bars of accuracy (0-1) with interval whiskers from `lo`/`hi` and a labelled chance line.
 
     `chance` is a number or the name of a column of `df` (e.g. per task family); `column`
-    facets the chart into one panel per value.
+    facets the chart into one panel per value, in `column_order` (default: the task families'
+    order when the column is "family", else the data's).
     """
     yscale = alt.Scale(domain=[0, 1])
     xenc = alt.X(f"{x}:N", sort=None, title=x)
@@ -75,25 +88,37 @@ def accuracy_bars(df: pd.DataFrame, x: str = "model", y: str = "accuracy",
     if chance is not None:
         ychance = alt.Y(f"mean({chance}):Q") if isinstance(chance, str) else alt.datum(chance)
         layers.append(alt.Chart().mark_rule(color="grey", strokeDash=[4, 3]).encode(y=ychance))
+        label = (alt.Text(f"mean({chance}):Q", format=".2g") if isinstance(chance, str)
+                 else alt.value(f"chance {chance:.2g}"))
+        layers.append(alt.Chart().mark_text(align="left", baseline="bottom", dx=2, dy=-1, fontSize=10,
+                                            color="grey").encode(y=ychance, x=alt.value(2), text=label))
     chart = alt.layer(*layers, data=df).properties(width=160 if column else WIDTH, height=HEIGHT)
     if column:
-        chart = chart.facet(column=alt.Column(f"{column}:N", sort=None))
+        if column_order is None and column == "family":
+            column_order = [f for f in FAMILY_ORDER if f in set(df[column])]
+        chart = chart.facet(column=alt.Column(f"{column}:N", sort=list(column_order) if column_order else None))
     return chart.properties(title=title) if title else chart
 
 
 def line_chart(df: pd.DataFrame, x: str, y: str, colour: str | None = None,
                chance: float | pd.DataFrame | None = None, title: str = "",
                x_title: str | None = None, y_title: str | None = None,
-               log_x: bool = False, y_domain=(0, 1)) -> alt.Chart:
-    """Lines with points, one per `colour` group, with optional chance line(s)."""
+               log_x: bool = False, y_domain=(0, 1), log_y: bool = False, colour_order=None,
+               points: bool = True) -> alt.Chart:
+    """Lines (with points), one per `colour` group, with optional labelled chance line(s).
+
+    `log_y` puts the y axis on a log scale (for losses whose first values dwarf the rest)."""
     xscale = alt.Scale(type="log", base=2) if log_x else alt.Scale(zero=False)
-    yscale = alt.Scale(domain=list(y_domain)) if y_domain else alt.Scale()
+    if log_y:
+        yscale = alt.Scale(type="log")
+    else:
+        yscale = alt.Scale(domain=list(y_domain)) if y_domain else alt.Scale()
     xaxis = alt.Axis(values=sorted(df[x].unique().tolist())) if log_x else alt.Axis()
     enc = {"x": alt.X(f"{x}:Q", scale=xscale, axis=xaxis, title=x_title or x),
            "y": alt.Y(f"{y}:Q", scale=yscale, title=y_title or y)}
     if colour:
-        enc["color"] = alt.Color(f"{colour}:N", sort=None)
-    layers = [alt.Chart(df).mark_line(point=True).encode(**enc)]
+        enc["color"] = alt.Color(f"{colour}:N", sort=list(colour_order) if colour_order is not None else None)
+    layers = [alt.Chart(df).mark_line(point=points).encode(**enc)]
     rule = _chance_rule(chance, colour)
     if rule is not None:
         layers.append(rule)
@@ -101,12 +126,38 @@ def line_chart(df: pd.DataFrame, x: str, y: str, colour: str | None = None,
     return chart.properties(title=title) if title else chart
 
 
-def readability_chart(df: pd.DataFrame, title: str = "") -> alt.Chart:
-    """Readability of the target vs the side of the low-resolution image, chance dashed."""
-    chance = df.drop_duplicates("family")[["family", "chance"]]
-    return line_chart(df, x="side_px", y="accuracy", colour="family", chance=chance,
-                      title=title, x_title="image side seen (px, log scale)",
-                      y_title="target read correctly", log_x=True)
+def readability_chart(df: pd.DataFrame, title: str = "", families=FAMILY_ORDER) -> alt.Chart:
+    """Accuracy of each reader on each view (x, in the table's order), one panel per family,
+    with the family's chance level as a labelled dashed line."""
+    views = list(pd.unique(df["view"]))
+    data = df.assign(chance_label=[f"chance {c:.2g}" for c in df["chance"]])
+    x = alt.X("view:N", sort=views, title="view of the scene")
+    base = alt.Chart()
+    line = base.mark_line(point=True).encode(
+        x=x, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="answered correctly"),
+        color=alt.Color("reader:N", sort=["matched", "clean", "cells"], title="reader"))
+    rule = base.mark_rule(color="grey", strokeDash=[4, 3]).encode(y="mean(chance):Q")
+    label = base.mark_text(align="left", baseline="bottom", dx=2, dy=-1, fontSize=10, color="grey").encode(
+        y="mean(chance):Q", x=alt.value(2), text="min(chance_label):N")
+    chart = alt.layer(line, rule, label, data=data).properties(width=150, height=HEIGHT).facet(
+        column=alt.Column("family:N", sort=[f for f in families if f in set(df["family"])], title=None))
+    return chart.properties(title=title) if title else chart
+
+
+def interval_chart(df: pd.DataFrame, y: str, x: str = "diff", lo: str = "diff_low", hi: str = "diff_high",
+                   colour: str | None = None, title: str = "", x_title: str = "difference") -> alt.Chart:
+    """Effects with their 95% intervals, one row per `y` value, and a line at zero."""
+    order = list(pd.unique(df[y]))
+    yenc = alt.Y(f"{y}:N", sort=order, title=None)
+    enc = {"x": alt.X(f"{x}:Q", title=x_title), "y": yenc}
+    if colour:
+        enc["color"] = alt.Color(f"{colour}:N", sort=None)
+    points = alt.Chart().mark_point(filled=True, size=50).encode(**enc)
+    bars = alt.Chart().mark_rule().encode(x=f"{lo}:Q", x2=f"{hi}:Q", y=yenc,
+                                          **({"color": enc["color"]} if colour else {}))
+    zero = alt.Chart().mark_rule(color="grey", strokeDash=[4, 3]).encode(x=alt.datum(0))
+    chart = alt.layer(bars, points, zero, data=df).properties(width=WIDTH, height=max(60, 18 * len(df)))
+    return chart.properties(title=title) if title else chart
 
 
 def count_bars(df: pd.DataFrame, x: str, y: str = "n", colour: str | None = None,
@@ -142,11 +193,13 @@ def example_panel(item, image: Image.Image, crop: Image.Image, scale: int = 2) -
     return panel
 
 
-def resolution_strip(image: Image.Image, factors=(1, 2, 4, 8), box=None) -> Image.Image:
-    """The scene as a model sees it after each downscale factor, side by side (or a zoom on `box`)."""
+def resolution_strip(image: Image.Image, factors=(1, 2, 4, 8), box=None, views=None) -> Image.Image:
+    """The scene after each downscale factor (or each view of `views`, a dict of functions),
+    side by side (or a zoom on `box`)."""
     tiles = []
-    for f in factors:
-        seen = scenes.degrade(image, f)
+    fns = list(views.values()) if views else [lambda im, f=f: scenes.degrade(im, f) for f in factors]
+    for fn in fns:
+        seen = fn(image)
         if box is not None:
             seen = seen.crop(tuple(box)).resize((image.width // 2, image.width // 2), Image.NEAREST)
         tiles.append(seen)
