@@ -107,7 +107,7 @@ def test_contents_markdown_lists_built_and_planned_chapters_and_the_tracks():
     assert "{doc}`The testbed </book/chapters/01_testbed>`" in text
     assert "3. Input -> latent" in text and "Real checkpoints: not in this build" in text
     with_real = book.contents_markdown(["book/chapters/08_real"])
-    assert "Real checkpoints: chapter 8." in with_real
+    assert "Real checkpoints: chapter 8 ({doc}`Real checkpoints </book/chapters/08_real>`)" in with_real
 
 
 def test_stage_book_refuses_a_chapter_that_is_not_executed(tmp_path):

@@ -263,10 +263,14 @@ def contents_markdown(docnames) -> str:
     if missing:
         lines += ["", "**Planned chapters not in this build:** " +
                   "; ".join(f"{n}. {PLANNED[n]}" for n in missing) + "."]
+    real = built.get(REAL_TRACK_CHAPTER)
     lines += ["", "**Tracks in this build:** the synthetic testbed (every chapter above). " +
-              ("Real checkpoints: chapter 8." if REAL_TRACK_CHAPTER in built else
-               "Real checkpoints: not in this build (no chapter 8); no number in this book comes "
-               "from a real checkpoint.")]
+              (f"Real checkpoints: chapter {REAL_TRACK_CHAPTER} ({{doc}}`{PLANNED[REAL_TRACK_CHAPTER]} </{real}>`) "
+               "is the only place for them; it says at its top whether this build holds results of real "
+               "checkpoints or only how to produce them. Every other chapter is testbed only."
+               if real else
+               f"Real checkpoints: not in this build (no chapter {REAL_TRACK_CHAPTER}); no number in this book "
+               "comes from a real checkpoint.")]
     return "\n".join(lines)
 
 
