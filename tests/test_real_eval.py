@@ -140,6 +140,11 @@ def test_forced_and_free_monet_runs_report_the_natural_trigger(fx, tmp_path):
     # the natural trigger is the same measurement in both runs (the model's own top token after the prompt)
     assert table.loc[True, "trigger_rate"] == table.loc[False, "trigger_rate"]
     assert table.loc[False, "opened"] == round(4 * table.loc[False, "trigger_rate"])
+    fvf = report.forced_vs_free(tmp_path)
+    assert len(fvf) == 1 and fvf["n"].iloc[0] == 4
+    assert fvf["acc_forced"].iloc[0] == table.loc[True, "accuracy"] and 0 <= fvf["p_value"].iloc[0] <= 1
+    cmp = report.compare_to_paper(report.summary(tmp_path))
+    assert list(cmp["paper"]) == [0.833, 0.833] and cmp["p_holm"].between(0, 1).all()
 
 
 def test_save_latents_stores_z_with_the_row(fx, tmp_path):
@@ -305,6 +310,9 @@ def test_presets_command(capsys):
 
 
 def test_commands_for_chapter_8_cover_every_paper_model_and_benchmark():
+    how = report.instructions("/runs/real")
+    assert "check --benchmark hrbench8k" in how and '-p results_dir "$PWD//runs/real"' not in how
+    assert "--out /runs/real" in how and "papermill notebooks/08_real.ipynb" in how
     text = report.commands()
     assert text.count("--method monet ") == 8 and "--force-latent" in text  # 4 benchmarks, free and forced
     for m in ("direct", "lvr", "capimagine"):

@@ -181,3 +181,33 @@ def method_checkpoint(folder: str | Path, method: str, seed: int = 0, lvr_head: 
     else:
         raise ValueError(f"unknown method {method!r}")
     return folder
+
+
+# ---------------------------------------------------------------- a demo results folder
+
+DEMO_RUNS = [("direct", False), ("monet", True), ("monet", False), ("lvr", False), ("capimagine", False)]
+
+
+def demo_results(folder: str | Path, benchmarks=("vstar", "hrbench4k", "mme-realworld-lite")) -> Path:
+    """A results folder made the way a GPU run makes one, from tiny random checkpoints on the
+    fixtures above (chapter 8's CI run). Its numbers are those of random models on a handful of
+    questions: they mean nothing."""
+    from transformers.utils import logging as hf_logging
+
+    from .evaluate import Settings, evaluate
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the chapter
+    folder = Path(folder)
+    data = {"vstar": write_vstar(folder / "data" / "vstar", n=4),
+            "hrbench4k": write_hrbench(folder / "data" / "hr", n_questions=2, cycles=2).parent,
+            "mme-realworld-lite": write_mme_lite(folder / "data" / "mme", n=3)}
+    out = folder / "results"
+    for method, forced in DEMO_RUNS:
+        ckpt = folder / "models" / method
+        if not (ckpt / "config.json").exists():
+            method_checkpoint(ckpt, method, seed=1)
+        for bench in benchmarks:
+            evaluate(Settings(model=ckpt, method=method, benchmark=bench, data=data[bench], out=out,
+                              force_latent=forced, max_new_tokens=16, min_pixels=784, max_pixels=12544,
+                              name=f"tiny-{method}", progress=False))
+    return out

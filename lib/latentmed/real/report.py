@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.stats import wilson
+from scipy.stats import binomtest
+
+from ..analysis.stats import holm, mcnemar_paired, wilson
 from ..files import settings_hash
 from ..store import ResultsStore
+from .benchmarks import BENCHMARKS
 from .evaluate import CONDITION, base_params, read_rows
 from .presets import PRESETS
 
@@ -103,7 +106,7 @@ def summary(out: str | Path, model: str | None = None) -> pd.DataFrame:
         lo, hi = wilson(int(g["correct"].sum()), len(g))
         paper = paper_accuracy(d["method"], d["benchmark"])
         seg = g[g["segments"].astype(bool)]
-        d.update(n=len(g), accuracy=acc, ci_low=lo, ci_high=hi, paper=None if paper is None else paper / 100,
+        d.update(n=len(g), n_correct=int(g["correct"].sum()), accuracy=acc, ci_low=lo, ci_high=hi, paper=None if paper is None else paper / 100,
                  diff=None if paper is None else acc - paper / 100,
                  accuracy_strict=score(g, d["benchmark"], "correct_strict")["overall"],
                  accuracy_logprob=score(g, d["benchmark"], "correct_logprob")["overall"],
@@ -114,8 +117,58 @@ def summary(out: str | Path, model: str | None = None) -> pd.DataFrame:
                  nan=int(g["nan"].sum()), seconds=float(g["seconds"].mean()))
         rows.append(d)
     table = pd.DataFrame(rows)
+    if len(table):
+        order = {b: i for i, b in enumerate(BENCHMARKS)}
+        methods = {m: i for i, m in enumerate(PRESETS)}
+        table = table.sort_values(["benchmark", "method", "model", "force_latent"],
+                                  key=lambda c: c.map(order) if c.name == "benchmark" else
+                                  c.map(methods) if c.name == "method" else c).reset_index(drop=True)
     table.attrs["pending_shard_rows"] = pending
     return table
+
+
+def compare_to_paper(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows that have a paper number, with an exact two-sided binomial test of our
+    accuracy against it (the paper's number taken as fixed; Holm over the rows)."""
+    t = table[table["paper"].notna()].copy() if len(table) else table
+    if not len(t):
+        return t
+    t["p_value"] = [binomtest(int(k), int(n), float(p)).pvalue for k, n, p in zip(t["n_correct"], t["n"], t["paper"])]
+    t["p_holm"], t["differs"] = holm(t["p_value"])
+    return t[KEYS + ["n", "accuracy", "ci_low", "ci_high", "paper", "diff", "p_value", "p_holm", "differs"]]
+
+
+def forced_vs_free(out: str | Path) -> pd.DataFrame:
+    """McNemar on the same items between a run with the segment forced and the same run without
+    (Monet may never open it on its own): accuracies, difference with its interval, p (Holm)."""
+    df, _ = runs_frame(out)
+    rows = []
+    if len(df):
+        for key, g in df.groupby(["model", "method", "benchmark", "harness"], sort=False):
+            if set(g["force_latent"]) != {True, False}:
+                continue
+            wide = g.pivot_table(index="item", columns="force_latent", values="correct", aggfunc="first").dropna()
+            r = mcnemar_paired(wide[True].astype(bool), wide[False].astype(bool))
+            free = g[~g["force_latent"].astype(bool)]
+            rows.append({**dict(zip(["model", "method", "benchmark", "harness"], key)),
+                         "trigger_rate": float(free["triggered"].astype(float).mean()),
+                         **{k: r[k] for k in ("n", "acc_a", "acc_b", "diff", "diff_low", "diff_high", "p_value")}})
+    res = pd.DataFrame(rows).rename(columns={"acc_a": "acc_forced", "acc_b": "acc_free"})
+    if len(res):
+        res["p_holm"], _ = holm(res["p_value"])
+    return res
+
+
+def disagreements(out: str | Path, limit: int = 10, width: int = 120) -> pd.DataFrame:
+    """Replies where the harness's rule and the strict parser read different answers."""
+    df, _ = runs_frame(out)
+    if not len(df):
+        return df
+    d = df[df["pred"].fillna("-") != df["pred_strict"].fillna("-")]
+    printable = lambda t: "".join(c if c.isprintable() else " " for c in str(t))[:width]  # noqa: E731
+    d = d.assign(reply=d["clean_text"].map(printable), pred=d["pred"].fillna("-"),
+                 pred_strict=d["pred_strict"].fillna("-"))
+    return d[["model", "benchmark", "item", "answer", "pred", "pred_strict", "pred_logprob", "reply"]].head(limit)
 
 
 def categories(out: str | Path) -> pd.DataFrame:
@@ -152,10 +205,75 @@ def commands(model_dirs: dict[str, str] | None = None, data_dirs: dict[str, str]
     lines = []
     for method, folder in model_dirs.items():
         for bench, data in data_dirs.items():
-            base = (f"accelerate launch --num_processes 8 -m latentmed.real eval --model {folder} --method {method} "
+            base = (f"accelerate launch --multi_gpu --num_processes 8 -m latentmed.real eval --model {folder} --method {method} "
                     f"--benchmark {bench} --data {data} --out {out}")
             lines.append(base)
             if method in force_latent_for:
                 lines.append(base + " --force-latent")
     lines.append(f"python -m latentmed.real report --out {out}")
     return "\n".join(lines)
+
+
+def accuracy_chart(table: pd.DataFrame):
+    """Our accuracy per model with its 95% interval (bars, whiskers) and the paper's (black tick),
+    one panel per benchmark."""
+    import altair as alt
+
+    t = table.assign(run=[f"{m}{' (forced)' if f else ''}" for m, f in zip(table["model"], table["force_latent"])])
+    y = alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy")
+    x = alt.X("run:N", sort=None, title=None)
+    bars = alt.Chart().mark_bar().encode(x=x, y=y, color=alt.Color("method:N", sort=list(PRESETS)))
+    whisk = alt.Chart().mark_rule(color="black").encode(x=x, y="ci_low:Q", y2="ci_high:Q")
+    paper = alt.Chart().mark_tick(color="black", thickness=3, size=18).encode(x=x, y="paper:Q")
+    return (alt.layer(bars, whisk, paper, data=t).properties(width=180, height=200)
+            .facet(column=alt.Column("benchmark:N", sort=list(BENCHMARKS), title=None))
+            .properties(title="Accuracy (bars, 95% Wilson intervals) and the paper's (ticks)"))
+
+
+LAYOUT = """\
+/models/Qwen2.5-VL-7B-Instruct   /models/Monet-7B   /models/LVR-7B   /models/CapImagine-7B   (each: config.json,
+                                 *.safetensors [+ index], tokenizer files, preprocessor_config.json)
+/data/vstar_bench/test_questions.jsonl, direct_attributes/*.jpg, relative_position/*.jpg     (craigwu/vstar_bench)
+/data/HR-Bench/hr_bench_4k.tsv, hr_bench_8k.tsv                                              (DreamMr/HR-Bench)
+/data/MME-RealWorld-Lite/data/MME-RealWorld-Lite.json, data/imgs/...   (yifanzhang114/MME-RealWorld-Lite, data.zip)"""
+
+
+def instructions(out: str = "results/real") -> str:
+    """Markdown: how to produce a results folder for this chapter on a GPU machine."""
+    checks = "\n".join(f"python -m latentmed.real check --benchmark {b} --data {d} --images" for b, d in
+                       (("vstar", "/data/vstar_bench"), ("hrbench4k", "/data/HR-Bench"),
+                        ("hrbench8k", "/data/HR-Bench"), ("mme-realworld-lite", "/data/MME-RealWorld-Lite")))
+    return f"""On a machine with GPUs and the downloaded files (nothing is downloaded by the code):
+
+**1. Files** in their published layouts, for example
+
+```
+{LAYOUT}
+```
+
+**2. Check the benchmark files** (every row; `--images` decodes every image):
+
+```
+{checks}
+```
+
+**3. Evaluate** every model on every benchmark (one process per GPU; rows are written as they
+are computed, a killed command resumes where it stopped, the shards are merged at the end;
+Monet runs twice, free and with its latent segment forced):
+
+```
+{commands(out=out)}
+```
+
+On one GPU, drop `accelerate launch --multi_gpu --num_processes 8 -m` and run `python -m latentmed.real eval ...`.
+Options: `--limit N` (the first N questions), `--harness lmms-eval` (lmms-eval's prompts and answer rules
+instead of VLMEvalKit's), `--max-pixels` / `--min-pixels` (default: each model's released evaluation setting),
+`--save-latents`. A sharded run whose processes did not all finish: run it again, or
+`python -m latentmed.real merge --out {out}`.
+
+**4. Render this chapter** with the folder:
+
+```
+papermill notebooks/08_real.ipynb 08_real.ipynb -p results_dir "{out if out.startswith('/') else '$PWD/' + out}"
+```
+"""
