@@ -263,7 +263,7 @@ def run_loop(modules: dict, params: list, step_fn, cfg: StageConfig, run_dir: Pa
             g["lr"] = lr_at(cfg, step)
         loss, scalars = step_fn(step, gen)
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"stage {cfg.name!r}: the loss is {float(loss)} at step {step + 1}; "
+            raise FloatingPointError(f"stage {cfg.name!r}: the loss is {float(loss.detach())} at step {step + 1}; "
                                      f"training stopped, the last checkpoint in {run_dir} is kept")
         opt.zero_grad(set_to_none=True)
         loss.backward()
