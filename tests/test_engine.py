@@ -318,7 +318,7 @@ def test_query_accepts_paths_and_arrays(images, tmp_path):
         Query(images=[Image.new("RGB", (1000, 2))], question="q")
 
 
-@pytest.mark.parametrize("source", ["constant", "evidence_crop"])
+@pytest.mark.parametrize("source", ["constant", "evidence_crop", "evidence_tokens"])
 def test_outside_latent_sources_always_feed_their_k_vectors(ckpt_copy, images, source):
     """The controls' latents come from outside the model: it cannot end the segment early, and
     the vectors fed are the source's (the constant stored with the checkpoint, or the crop's
@@ -333,8 +333,9 @@ def test_outside_latent_sources_always_feed_their_k_vectors(ckpt_copy, images, s
     save_file({"latent": const}, str(ckpt_copy / CONSTANT_FILE))
     r = LatentReasoner.from_pretrained(ckpt_copy, method="mirage", n_latents=K, max_latents=0,
                                        end_rule="force_after_k", latent_source=source,
-                                       **({"prompt_image": "degraded"} if source == "evidence_crop" else {}))
-    q = Query(images=[images[0]], question="What colour?", options=OPTIONS, crop=images[1].resize((56, 56)))
+                                       **({"prompt_image": "degraded"} if source != "constant" else {}))
+    q = Query(images=[images[0]], question="What colour?", options=OPTIONS, crop=images[1].resize((56, 56)),
+              evidence_boxes=[[30, 2, 50, 20], [2, 60, 20, 80]])
     p = r.prompt(q)
     boost = r.model.lm_head.register_forward_hook(lambda m, a, out: out.index_add(
         -1, torch.tensor([r.ids.end]), torch.full(out.shape[:-1] + (1,), 1e4)))
@@ -344,11 +345,15 @@ def test_outside_latent_sources_always_feed_their_k_vectors(ckpt_copy, images, s
         boost.remove()
     z = t.segments[0].z_in
     assert len(t.segments[0].slots) == K
-    want = r.constant if source == "constant" else r.crop_features(p)[torch.arange(K) % len(r.crop_features(p))]
+    want = r.constant if source == "constant" else r.source_features(p)[torch.arange(K) % len(r.source_features(p))]
     torch.testing.assert_close(z, want.float())
     if source == "constant":
         torch.testing.assert_close(r.constant, const)
     else:  # the prompt shows the degraded image
+        if source == "evidence_tokens":  # the scene's tokens under the two boxes' centres (112 px: 4 x 4 tokens)
+            assert p.source_index == [1, 8]
+            full = r._tower(*pixels(r.processor, [images[0]]))
+            torch.testing.assert_close(r.source_features(p), full[[1, 8]])
         assert not torch.equal(p.pixel_values, pixels(r.processor, [images[0]])[0])
 
 

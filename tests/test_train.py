@@ -130,7 +130,7 @@ def test_predict_runs_every_kind_of_segment_without_nan(tok, bank):
     model = fresh(tok)
     for name in ["direct", "capimagine", "lvr-style", "mirage-style", "positive-control", "negative-control"]:
         spec = SPECS[name]
-        fill = {"evidence_crop": "crop", "constant": "constant"}.get(spec.latent_source, "hidden")
+        fill = B.FILL_OF_SOURCE[spec.latent_source]
         plan = batching.Plan(spec, n_latents=spec.n_latents, latent_fill=fill)
         const = torch.ones(spec.n_latents, model.config.text_config.hidden_size) if fill == "constant" else None
         recs = predict.predict(model, tok, bank, plan, constant=const)

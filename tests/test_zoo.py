@@ -33,7 +33,7 @@ def test_registry_has_every_method_with_its_spec_and_k():
     assert (k["monet-style"], k["lvr-style"], k["mirage-style"]) == (10, 8, 4)
     assert zoo.SPECS["mirage-style"].end_rule == "model_or_cap"
     assert [s.cfg.name for s in zoo.method_stages("monet-style")] == ["sft-crop", "latent-with-crop", "latent"]
-    assert zoo.SPECS["positive-control"].latent_source == "evidence_crop"
+    assert zoo.SPECS["positive-control"].latent_source == "evidence_tokens"
     assert zoo.SPECS["positive-control"].prompt_image == "degraded"
     assert zoo.SPECS["negative-control"].latent_source == "constant"
     for m in zoo.METHODS:
@@ -166,7 +166,7 @@ def test_engine_and_the_fast_training_path_agree_item_for_item(trained, method):
     root, _ = trained
     x = checkpoint.load(root / method)
     spec = x.spec
-    fill = {"evidence_crop": "crop", "constant": "constant"}.get(spec.latent_source, "hidden")
+    fill = B.FILL_OF_SOURCE[spec.latent_source]
     plan = batching.Plan(spec, n_latents=spec.n_latents if spec.has_latents else 0, latent_fill=fill,
                          image="degraded" if spec.prompt_image == "degraded" else "main")
     bank = B.build_bank(x.model, CFG, "test", 3, kinds=("main", "crop", "degraded"), progress=False)

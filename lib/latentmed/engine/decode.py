@@ -217,11 +217,11 @@ class Decoder:
                 if self.r.constant is None:
                     raise ValueError(f"method {self.spec.method!r} feeds constant latents but the reasoner has none")
                 row.source = self.r.constant
-            elif src == "evidence_crop":
-                if e.crop_pixels is None:
-                    raise ValueError(f"method {self.spec.method!r} feeds the evidence crop's tokens: build the "
-                                     "prompt from a query with a crop (reasoner.prompt / item_inputs)")
-                row.source = self.r.crop_features(e)
+            elif src in ("evidence_crop", "evidence_tokens"):
+                if e.source_pixels is None:
+                    raise ValueError(f"method {self.spec.method!r} feeds the evidence's image tokens: build the "
+                                     "prompt from a query with its evidence (reasoner.prompt / item_inputs)")
+                row.source = self.r.source_features(e)
 
     def _prefill_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, T] additive mask: padding, causality and each row's attention rules."""

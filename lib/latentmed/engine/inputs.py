@@ -48,8 +48,9 @@ class Prompt(Encoded):
     option_ids: list[int] | None = None
     prompt_len: int | None = None
     after_segment_ids: list[int] | None = None  # forced after a segment when DecodeConfig.force_suffix
-    crop_pixels: torch.Tensor | None = None  # evidence crop (latent_source "evidence_crop")
-    crop_grid: torch.Tensor | None = None
+    source_pixels: torch.Tensor | None = None  # image a non-hidden latent source reads (scene or crop)
+    source_grid: torch.Tensor | None = None
+    source_index: list[int] | None = None  # which of its merged tokens (None: all), in slot order
     features: torch.Tensor | None = field(default=None, repr=False, compare=False)  # merged image tokens, once computed
 
     @property
@@ -104,6 +105,8 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
 def chat_prompt(tokenizer, user_text: str, n_images: int = 1, system: str | None = None,
                 assistant_prefix: str = "") -> str:
     """Chat-template a single user turn with `n_images` images first, then the assistant's start."""
+    if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 0:
+        raise ValueError(f"n_images: must be an integer >= 0, got {n_images!r}")
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text}]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

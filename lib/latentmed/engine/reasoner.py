@@ -28,6 +28,21 @@ from .spec import LETTERS, LatentSpec, SpecIds
 from .trace import Trace
 
 
+def evidence_tokens(boxes, size: tuple[int, int], grid_thw, token_px: int) -> list[int]:
+    """Merged-token indices (row-major) under the centres of pixel `boxes` of an image of `size`
+    processed to `grid_thw` patches (each merged token covers `token_px` resized pixels)."""
+    w, h = size
+    gh, gw = int(grid_thw[1]), int(grid_thw[2])
+    cols, rows = gw * 14 // token_px, gh * 14 // token_px
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        cx, cy = (x0 + x1) / 2 * gw * 14 / w, (y0 + y1) / 2 * gh * 14 / h
+        i = min(int(cy // token_px), rows - 1) * cols + min(int(cx // token_px), cols - 1)
+        if i not in out:
+            out.append(i)
+    return out
+
+
 class LatentReasoner:
     """A loaded model with its spec: build prompts, generate traces, replay and continue them."""
 
@@ -89,9 +104,15 @@ class LatentReasoner:
         present = [b for b in blocks if b is not None]
         return (torch.cat(present) if present else None), blocks
 
-    def crop_features(self, prompt: Prompt) -> torch.Tensor:
-        """Merged tokens [n, H] of the prompt's evidence crop (latent_source "evidence_crop")."""
-        return self._tower(prompt.crop_pixels, prompt.crop_grid)
+    def source_features(self, prompt: Prompt) -> torch.Tensor:
+        """The vectors a non-hidden latent source feeds [n, H]: the merged tokens of the evidence
+        crop, or those of the full-resolution scene at the evidence cells."""
+        f = self._tower(prompt.source_pixels, prompt.source_grid)
+        if prompt.source_index is None:
+            return f
+        if not prompt.source_index:  # no evidence (e.g. zero objects to count): zero vectors
+            return f.new_zeros(1, f.shape[-1])
+        return f[torch.as_tensor(prompt.source_index, device=f.device)]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, grid: torch.Tensor | None,
                 feats: torch.Tensor | None, overrides=(), cache=None, attn4d: torch.Tensor | None = None,
@@ -151,14 +172,21 @@ class LatentReasoner:
                                assistant_prefix=spec.assistant_prefix)
             enc = encode(self.tokenizer, self.processor, text, images)
             after, opt = None, (self.option_ids(query.options) if query.options else None)
-        crop_pix = crop_grid = None
+        src_pix = src_grid = src_index = None
         if spec.latent_source == "evidence_crop":
             if query.crop is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence crop's "
                                  "tokens as latents, but the query has no crop")
-            crop_pix, crop_grid = pixels(self.processor, [query.crop])
+            src_pix, src_grid = pixels(self.processor, [query.crop])
+        elif spec.latent_source == "evidence_tokens":
+            if query.evidence_boxes is None:
+                raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence cells' "
+                                 "tokens as latents, but the query has no evidence boxes")
+            src_pix, src_grid = pixels(self.processor, [query.images[0]])
+            src_index = evidence_tokens(query.evidence_boxes, query.images[0].size, src_grid[0],
+                                        getattr(self.processor, "merge_size", 2) * getattr(self.processor, "patch_size", 14))
         return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, query=query, option_ids=opt,
-                      after_segment_ids=after, crop_pixels=crop_pix, crop_grid=crop_grid)
+                      after_segment_ids=after, source_pixels=src_pix, source_grid=src_grid, source_index=src_index)
 
     def build_inputs(self, images: Image.Image | list[Image.Image] | None, question: str,
                      options: list[str] | None = None, edits=()) -> Prompt:

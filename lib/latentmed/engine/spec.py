@@ -26,9 +26,10 @@ AnswerFormat = Literal["boxed", "answer_tag", "letter", "word"]
 # `latentmed.engine.layouts` (options, question with its key words last, segment, key words, answer).
 Template = Literal["chat", "testbed"]
 # Where the vector fed at a latent slot comes from: the model's own final hidden state of the
-# previous position (every real method), the vision tower's merged tokens of the evidence crop
-# (the testbed's positive control) or a constant stored with the checkpoint (negative control).
-LatentSource = Literal["hidden", "evidence_crop", "constant"]
+# previous position (every real method); the vision tower's merged tokens of the evidence cells
+# of the full-resolution scene (the testbed's positive control, whose prompt shows a degraded
+# scene); the tokens of the evidence crop; or a constant stored with the checkpoint (negative control).
+LatentSource = Literal["hidden", "evidence_tokens", "evidence_crop", "constant"]
 # What the prompt shows: the scene, or the scene box-averaged to 56 px and back (positive control).
 PromptImage = Literal["scene", "degraded"]
 # What positions after a segment may attend to: everything (the usual causal mask); only the

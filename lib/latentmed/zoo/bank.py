@@ -82,6 +82,36 @@ def _load_cached(path: Path, n: int) -> torch.Tensor:
     return t
 
 
+# the plan's latent_fill that trains a spec's latent_source
+FILL_OF_SOURCE = {"hidden": "hidden", "evidence_crop": "crop", "evidence_tokens": "evidence", "constant": "constant"}
+
+
+def fill_for(kind: str, bank: FeatureBank, idx: list[int], K: int, constant: torch.Tensor | None = None):
+    """[B, K, H] vectors for the slots of a batch filled from outside the model (None: "hidden",
+    the model's own loop): the crop's tokens, the evidence cells' tokens or the constant."""
+    if kind == "hidden" or K == 0:
+        return None
+    if kind == "crop":
+        return bank.crop[idx][:, torch.arange(K) % bank.crop.shape[1]]
+    if kind == "evidence":
+        return evidence_fill(bank, idx, K)
+    if kind == "constant":
+        return constant[torch.arange(K) % len(constant)].unsqueeze(0).expand(len(idx), -1, -1)
+    raise ValueError(f"unknown latent fill {kind!r}")
+
+
+def evidence_fill(bank: FeatureBank, idx: list[int], K: int) -> torch.Tensor:
+    """[B, K, H] the scene's merged tokens at each item's evidence cells, cycled over the K slots
+    (zeros for an item without evidence): the positive control's latents, as the engine feeds them."""
+    g = bank.grid[2] // 2
+    out = torch.zeros(len(idx), K, bank.main.shape[-1])
+    for b, i in enumerate(idx):
+        cells = list(dict.fromkeys(r * g + c for r, c in (bank.items[i].evidence_cells or [])))
+        if cells:
+            out[b] = bank.main[i, cells][torch.arange(K) % len(cells)]
+    return out
+
+
 def build_bank(model, config: TestbedConfig, split: str, per_family: int | dict, kinds=("main",),
                cache_dir: Path | None = None, progress: bool = True, offset: int = 0) -> FeatureBank:
     """Make items (`make_item`) and compute their tower tokens, each kind cached on disk.

@@ -23,7 +23,7 @@ class Plan:
 
     spec: LatentSpec
     n_latents: int = 0
-    latent_fill: str = "hidden"  # hidden | crop (teacher tokens) | constant
+    latent_fill: str = "hidden"  # hidden | crop (the crop's tokens) | evidence (the evidence cells' tokens) | constant
     with_crop: bool = False  # the evidence crop as an image right after the start token
     image: str = "main"  # main | degraded
     answer_weight: float = 1.0
@@ -59,7 +59,7 @@ class Plan:
     def needs(self) -> set[str]:
         """Item fields this plan needs (checked before training starts)."""
         need = {"question", "options", "keywords", "answer_word"}
-        if self.attn_weight > 0 or self.ground_slots:
+        if self.attn_weight > 0 or self.ground_slots or self.latent_fill == "evidence":
             need.add("evidence_cells")
         if self.spec.placement == "text":
             need.add("caption")
@@ -72,6 +72,8 @@ class Plan:
 
     def bank_kinds(self) -> tuple:
         kinds = {"degraded" if self.image == "degraded" else "main"}
+        if self.latent_fill == "evidence":
+            kinds.add("main")
         if "crop" in self.needs():
             kinds.add("crop")
         return tuple(sorted(kinds))

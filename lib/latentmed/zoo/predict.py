@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from ..engine import layouts
 from ..testbed.items import FAMILIES
-from .bank import FeatureBank
+from .bank import FILL_OF_SOURCE, FeatureBank, fill_for
 from .batching import Plan, bind_rope, collate
 from .forward import embed, forward, logits_at
 
@@ -32,7 +32,7 @@ def predict(model, tok, bank: FeatureBank, plan: Plan, batch_size: int = 64,
     bind_rope(model)
     spec = plan.spec
     records = []
-    fill = {"evidence_crop": "crop", "constant": "constant"}.get(spec.latent_source, "hidden")
+    fill = FILL_OF_SOURCE[spec.latent_source]
     eval_plan = replace(plan, attn_weight=0.0, hop_weight=0.0, segment_weight=0.0, latent_fill=fill)
     for s in range(0, len(bank), batch_size):
         idx = list(range(s, min(s + batch_size, len(bank))))
@@ -69,12 +69,7 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
     end_id = tok.convert_tokens_to_ids(spec.end_token)
     if src != "hidden":  # the controls: K vectors from outside the model, then the end marker
         batch = collate(tok, bank, idx, plan)
-        fill = None
-        if src == "evidence_crop":
-            fill = bank.crop[idx]
-        elif src == "constant":
-            fill = constant.unsqueeze(0).expand(len(idx), -1, -1)
-        out = forward(model, batch, plan, fill=fill)
+        out = forward(model, batch, plan, fill=fill_for(plan.latent_fill, bank, idx, K, constant))
         trig_logits = logits_at(model, out.hidden, torch.full((len(idx),), batch.prompt_end))
         end_logits = logits_at(model, out.hidden, torch.full((len(idx),), batch.slot_start + K - 1))
         logits = logits_at(model, out.hidden, batch.answer_pos)

@@ -32,7 +32,7 @@ SPECS: dict[str, LatentSpec] = {
     "lvr-style": _spec("lvr-style", "lvr", pad_token="<|lvr|>", n_latents=8),
     "mirage-style": _spec("mirage-style", "mirage", n_latents=4, max_latents=8),
     "positive-control": _spec("positive-control", "mirage", n_latents=4, max_latents=0,
-                              end_rule="force_after_k", latent_source="evidence_crop", prompt_image="degraded"),
+                              end_rule="force_after_k", latent_source="evidence_tokens", prompt_image="degraded"),
     "negative-control": _spec("negative-control", "mirage", n_latents=4, max_latents=0,
                               end_rule="force_after_k", latent_source="constant"),
 }
@@ -101,7 +101,7 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
         p2 = Plan(spec, n_latents=spec.n_latents, **seg, **grounded)
         return [Stage(p1, cfg("helper-align", s1, keep_best=False)), Stage(p2, cfg("latent", s2))]
     if name == "positive-control":
-        return [Stage(Plan(spec, n_latents=spec.n_latents, latent_fill="crop", image="degraded", attn_weight=1.0,
+        return [Stage(Plan(spec, n_latents=spec.n_latents, latent_fill="evidence", image="degraded", attn_weight=1.0,
                            evidence_in="slots", hop_weight=1.0, **seg), cfg("positive", b["positive"]))]
     if name == "negative-control":
         return [Stage(Plan(spec, n_latents=spec.n_latents, latent_fill="constant", **seg, **grounded),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..engine.tiny import image_processor
 from ..testbed.items import TestbedConfig, cell_labels, make_scene
-from .bank import FeatureBank, pixel_inputs, tower_tokens
+from .bank import FeatureBank, fill_for, pixel_inputs, tower_tokens
 from .batching import Plan, bind_rope, check_items, collate
 from .forward import forward
 from .loop import StageConfig, run_loop
@@ -148,11 +148,7 @@ def train_stage(model, tok, plan: Plan, train_bank: FeatureBank, val_bank: Featu
         model.train()
         idx = torch.randint(len(train_bank), (cfg.batch_size,), generator=gen).tolist()
         batch = collate(tok, train_bank, idx, plan)
-        fill = None
-        if batch.n_latents and plan.latent_fill == "crop":
-            fill = train_bank.crop[idx]
-        elif batch.n_latents and plan.latent_fill == "constant":
-            fill = constant.unsqueeze(0).expand(len(idx), -1, -1)
+        fill = fill_for(plan.latent_fill, train_bank, idx, batch.n_latents, constant)
         need_attn = plan.attn_weight > 0 or plan.hop_weight > 0
         frac = plan.bottleneck
         closed = frac >= 1.0 or (frac > 0 and bool(torch.rand((), generator=gen) < frac))

@@ -1,0 +1,99 @@
+"""The study's runs on the zoo: which models, which items, and the measurements of each chapter,
+all written to (and read back from) the results store.
+
+A run's key holds the model's checkpoint hash (its zoo.json records the hash of its weights) and
+the chapter's parameters, so re-running a chapter reuses every row of an unchanged model and
+recomputes a changed one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..engine.query import Query
+from ..engine.reasoner import LatentReasoner
+from ..files import file_hash, read_json
+from ..store import ResultsStore
+from ..testbed.items import TestbedConfig, make_item
+from ..zoo.evaluate import decode_config
+from . import conditions as C
+from .measure import clean_runs, measure
+
+LATENT_KINDS = ("latent", "control")
+
+
+def model_hash(folder: str | Path) -> str:
+    """The hash of a checkpoint's weights (recorded in its zoo.json, else computed)."""
+    folder = Path(folder)
+    info = folder / "zoo.json"
+    if info.exists():
+        h = read_json(info, "zoo checkpoint record").get("weights_hash")
+        if h:
+            return h
+    return file_hash(folder / "model.safetensors")
+
+
+def queries(config: TestbedConfig, split: str = "test", per_family: int | None = None) -> list[Query]:
+    """The held-out items as engine queries (with images, crops and evidence boxes)."""
+    counts = config.family_counts(split)
+    return [Query.of(make_item(config, split, f, i)) for f, n in counts.items()
+            for i in range(n if per_family is None else min(n, per_family))]
+
+
+def trained(root: str | Path, names) -> list[str]:
+    """The models of `names` that have a finished checkpoint under `root`."""
+    root = Path(root)
+    return [m for m in names if (root / m / "zoo.json").exists()]
+
+
+def latent_models(root: str | Path, names) -> list[str]:
+    """Trained models whose segment holds latent slots (chapter 4 intervenes on them)."""
+    out = []
+    for m in trained(root, names):
+        spec = read_json(Path(root) / m / "latent_spec.json", "latent spec")
+        if spec.get("placement") in ("after_start", "overwrite_start"):
+            out.append(m)
+    return out
+
+
+def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], models: list[str],
+                     forms=("generate", "replay"), seed: int = 0, device: str = "cpu",
+                     progress: bool = False) -> pd.DataFrame:
+    """Chapter 4: every latent condition on every model, rows in the store; returns them."""
+    store = ResultsStore(store_dir)
+    frames = []
+    for m in tqdm(models, desc="models", disable=not progress):
+        folder = Path(root) / m
+        r = LatentReasoner.from_pretrained(folder, device=device)
+        params = dict(chapter=4, items=[q.id for q in qs], seed=seed, forms=list(forms))
+        run = store.run(m, model_hash(folder), params)
+        cfg = decode_config(r)
+        clean = clean_runs(r, [r.prompt(q) for q in qs], cfg)
+        conds = C.latent_conditions(clean, [q.family for q in qs], r.spec.n_latents, forms, seed)
+        measure(r, qs, conds, run, cfg, clean=clean, progress=progress)
+        frames.append(run.frame())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def norms(root: str | Path, models: list[str], qs: list[Query], device: str = "cpu") -> pd.DataFrame:
+    """Per model: mean norm of its latents, of its word embeddings and of its merged image tokens
+    (a noise or replacement vector must be matched to the first, not to the others)."""
+    rows = []
+    for m in models:
+        r = LatentReasoner.from_pretrained(Path(root) / m, device=device)
+        prompts = [r.prompt(q) for q in qs]
+        clean = clean_runs(r, prompts, decode_config(r))
+        z = [t.segments[0].z_in for t in clean if t.segments and t.segments[0].z_in is not None]
+        zn = torch.cat(z).norm(dim=-1) if z else torch.zeros(0)
+        words = r.model.get_input_embeddings().weight[: len(r.tokenizer)].norm(dim=-1)
+        with torch.inference_mode():
+            feats, _ = r.image_features(prompts[:32], [[]] * min(32, len(prompts)))
+        rows.append(dict(model=m, latent_norm=float(zn.mean()) if len(zn) else np.nan,
+                         word_norm=float(words.mean()), image_token_norm=float(feats.norm(dim=-1).mean()),
+                         latent_over_word=float(zn.mean() / words.mean()) if len(zn) else np.nan))
+    return pd.DataFrame(rows)
