@@ -169,6 +169,9 @@ def _truncated_png(df):
     (lambda df: df.assign(image=[base64.b64encode(b"plain text, no image").decode()] * 6),
      r"row 1 \(index=0\): cannot read the base64 image: not an image"),
     (lambda df: df.assign(C=["", "", "x", "x", "x", "x"]), r"row 1 \(index=0\): options A, B, D are not A, B, \.\.\."),
+    (lambda df: df.assign(image=[""] * 6), r"row 1 \(index=0\): the image cell is empty"),
+    (lambda df: df.assign(image=[df["image"][0], "7", "0", "1", "0", "1"]),
+     r"row 2 \(index=1\): the image cell '7' is neither base64 nor the index of another row"),
 ])
 def test_hrbench_bad_rows_name_file_and_row(fx, tmp_path, break_it, match):
     folder = copy(fx["hr"], tmp_path)

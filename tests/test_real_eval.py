@@ -234,6 +234,11 @@ def test_two_process_accelerate_launch_merges_to_the_one_process_result(fx, tmp_
     assert merged.folder.name == one.folder.name and merged.meta == one.meta, "the same run key"
     pd.testing.assert_frame_equal(stable(read_rows(merged)), stable(read_rows(one)))
     assert [r["position"] for r in read_rows(merged)] == [0, 1, 2, 3]
+    info = json.loads((merged.folder / "model.json").read_text())
+    assert info["method"] == "lvr" and info["head"] is True and info["load_report"]["missing"] == []
+    assert info["min_pixels"] == 784 and info["torch"] and info["device"] == "cpu"
+    loaded = report.loads(tmp_path / "sharded")
+    assert len(loaded) == 1 and loaded["missing"].iloc[0] == 0 and loaded["head"].iloc[0]
     # merging again adds nothing; the report counts no pending shard rows
     assert merge(tmp_path / "sharded")[0]["added"] == 0
     assert report.summary(tmp_path / "sharded").attrs["pending_shard_rows"] == 0

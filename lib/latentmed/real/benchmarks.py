@@ -308,7 +308,13 @@ def load_hrbench(data: str | Path, benchmark: str = "hrbench4k") -> list[Example
         if not cell.strip():
             raise _bad(where, "the image cell is empty")
         if id(cell) not in checked:  # each distinct image once
-            _check_image_bytes(_b64decode(cell, where), where)
+            try:
+                raw = _b64decode(cell, where)
+            except BenchmarkFormatError:
+                if len(cell) <= REF_MAX:
+                    raise _bad(where, f"the image cell {cell!r} is neither base64 nor the index of another row") from None
+                raise
+            _check_image_bytes(raw, where)
             checked.add(id(cell))
         out.append(Example(benchmark, str(r["index"]), len(out), str(r["question"]).strip(), tuple(options), answer,
                            str(r["category"]), ImageRef(b64=cell), where, cycle=str(r["cycle_category"])))

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..engine.decode import DecodeConfig
-from ..files import set_threads, settings_hash
+from ..files import atomic_write_json, set_threads, settings_hash
 from ..store import ROWS, ResultsStore, Run
 from .benchmarks import LETTERS, Example, data_file, load_benchmark
 from .harness import HARNESSES, extract
@@ -138,6 +138,9 @@ def merge_runs(store: ResultsStore, model: str, model_hash: str, params: dict) -
             elif not _same(seen[0], r):
                 raise ValueError(f"item {key[0]!r} ({key[1]}) is stored with different results in {seen[1].folder} "
                                  f"and {run.folder}; delete the run that is wrong and merge again")
+    info = next((run.folder / MODEL_INFO for run in runs if (run.folder / MODEL_INFO).exists()), None)
+    if info is not None and not (final.folder / MODEL_INFO).exists():
+        atomic_write_json(final.folder / MODEL_INFO, json.loads(info.read_text()))
     added = 0
     for r, run in sorted(new.values(), key=lambda x: x[0].get("position", 0)):
         tensors = run.tensors(r) if r.get("tensors") else None
@@ -188,6 +191,19 @@ def row_of(ex: Example, trace, prompt, spec, harness: str, seconds: float, devic
 
 # ---------------------------------------------------------------- the evaluation
 
+MODEL_INFO = "model.json"  # beside a run's rows: what was loaded, how, where
+
+
+def model_info(s: Settings, info: dict, device: str) -> dict:
+    """The loaded model as a run records it: checkpoint folder, token ids, head, pixel bounds,
+    the loader's report of missing and unexpected weights, device and library versions."""
+    import transformers
+
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return dict(checkpoint=str(s.model.resolve()), method=s.method, **info, device=device, gpu=gpu,
+                torch=torch.__version__, transformers=transformers.__version__)
+
+
 def _process_state(device: str | None):
     """(rank, world, device, state) under `accelerate launch`, or (0, 1, device, None)."""
     import os
@@ -225,6 +241,7 @@ def evaluate(s: Settings) -> dict:
     store = ResultsStore(s.out)
     model_hash = checkpoint_fingerprint(s.model)
     own = store.run(s.model_name, model_hash, params if world == 1 else {**params, "shard": [rank, world]})
+    atomic_write_json(own.folder / MODEL_INFO, model_info(s, info, device))
     done = {row["item"] for run in sibling_runs(store, s.model_name, model_hash, params) for row in read_rows(run)
             if row.get("condition") == CONDITION}
     mine = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
@@ -259,6 +276,8 @@ def evaluate(s: Settings) -> dict:
                                        for x in sibling_runs(store, s.model_name, model_hash, params))):
         _, merged = merge_runs(store, s.model_name, model_hash, params)
     final = store.run(s.model_name, model_hash, params) if rank == 0 else own
+    if final is not own and not (final.folder / MODEL_INFO).exists():
+        atomic_write_json(final.folder / MODEL_INFO, model_info(s, info, device))
     return dict(rank=rank, world=world, device=device, examples=len(examples), todo=len(mine), written=written,
                 merged=merged, run=str(final.folder), params=params, model_hash=model_hash)
 

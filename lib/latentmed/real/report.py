@@ -30,7 +30,7 @@ from ..analysis.stats import holm, mcnemar_paired, wilson
 from ..files import settings_hash
 from ..store import ResultsStore
 from .benchmarks import BENCHMARKS
-from .evaluate import CONDITION, base_params, read_rows
+from .evaluate import CONDITION, MODEL_INFO, base_params, read_rows
 from .presets import PRESETS
 
 # DESIGN.md section 4: CapImagine / Monet / LVR / Qwen2.5-VL-7B, in percent.
@@ -125,6 +125,32 @@ def summary(out: str | Path, model: str | None = None) -> pd.DataFrame:
                                   c.map(methods) if c.name == "method" else c).reset_index(drop=True)
     table.attrs["pending_shard_rows"] = pending
     return table
+
+
+def loads(out: str | Path) -> pd.DataFrame:
+    """What each finished run loaded: device and versions, the method's token ids, LVR's head,
+    pixel bounds, and the loader's count of missing and unexpected weights (a released
+    checkpoint should load with none missing)."""
+    import json
+
+    rows = []
+    for r in ResultsStore(out).runs():
+        p = r.meta["params"]
+        f = r.folder / MODEL_INFO
+        if p.get("track") != "real" or "shard" in p or not f.exists():
+            continue
+        m = json.loads(f.read_text())
+        rep = m.get("load_report") or {}
+        rows.append(dict(model=r.meta["model"], benchmark=p["benchmark"], method=p["method"],
+                         force_latent=p["force_latent"], device=m.get("gpu") or m.get("device"),
+                         torch=m.get("torch"), transformers=m.get("transformers"), start_id=m["ids"]["start"],
+                         end_id=m["ids"]["end"], head=m.get("head"), min_pixels=m.get("min_pixels"),
+                         max_pixels=m.get("max_pixels"), missing=len(rep.get("missing", [])),
+                         unexpected=len(rep.get("unexpected", []))))
+    df = pd.DataFrame(rows)
+    if len(df):
+        df[["start_id", "end_id"]] = df[["start_id", "end_id"]].astype("Int64")
+    return df
 
 
 def compare_to_paper(table: pd.DataFrame) -> pd.DataFrame:
