@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from latentmed import files, paths
+from latentmed import book, files, paths
 from latentmed.engine import checkpoint
 from latentmed.engine import interventions as I
 from latentmed.engine.decode import DecodeConfig
-from latentmed.engine.inputs import encode, pixels
+from latentmed.engine.inputs import chat_prompt, encode, pixels
 from latentmed.engine.query import Query
 from latentmed.engine.reasoner import LatentReasoner
 from latentmed.engine.spec import LatentSpec, preset
@@ -159,6 +159,15 @@ def ckpt_trunc(name: str, keep: int) -> Callable[[Ctx], object]:
     return run
 
 
+def lvr_head(ctx: Ctx, width: int):
+    """The checkpoint with LVR head weights of `width` and config.json asking for the head."""
+    tensors = files.load_tensors(ctx.ckpt / "model.safetensors")
+    tensors.update({f"lvr_head.{k}": v for k, v in checkpoint.LVRHead(width).state_dict().items()})
+    files.atomic_save_tensors(tensors, ctx.ckpt / "model.safetensors", metadata={"format": "pt"})
+    edit_json(ctx.ckpt / "config.json", lambda d: d.update(lvr_head=True))
+    return load_ckpt(ctx, "lvr")
+
+
 def query(**kw) -> Query:
     return Query(**{**dict(images=[scene()], question="What colour?", options=OPTIONS), **kw})
 
@@ -226,6 +235,20 @@ def tb_items(fn) -> Callable[[Ctx], object]:
     return run
 
 
+def cli(main, argv: list[str]) -> tuple[int, str]:
+    """Run a command line's main(); its exit code and what it wrote to stderr (no stack trace)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            return exc.code, err.getvalue()
+    return 0, err.getvalue()
+
+
 def toy_loop(ctx: Ctx, cfg: L.StageConfig, loss=None):
     lin = torch.nn.Linear(3, 1)
     step = (lambda s, g: (loss(s), {})) if loss else (lambda s, g: ((lin(torch.ones(3)) ** 2).sum(), {}))
@@ -285,9 +308,15 @@ case("image-as-path-works", "ok", lambda c: c.reasoner.prompt(query(images=[c.fi
      lambda c, p: p.image_grid_thw.tolist() == [[1, 8, 8]] or pytest.fail(str(p.image_grid_thw)))
 case("image-as-array-works", "ok", lambda c: c.reasoner.prompt(query(images=[np.asarray(scene())])), None, "",
      lambda c, p: p.pixel_values is not None or pytest.fail("no pixels"))
+case("query-evidence-box-inverted", "silent", lambda c: query(evidence_boxes=[[30, 10, 20, 40]]), ValueError,
+     r"query: evidence box \[30, 10, 20, 40\] is not \[x0, y0, x1, y1\] with x0 < x1")
+case("query-evidence-box-short", "trace", lambda c: query(evidence_boxes=[[1, 2]]), ValueError, r"query: evidence box \[1, 2\] is not")
+case("query-evidence-boxes-a-string", "trace", lambda c: query(evidence_boxes="0,0,5,5"), TypeError,
+     r"query: evidence_boxes must be a list of \[x0, y0, x1, y1\] boxes, got str")
 case("query-of-object-without-question", "trace", lambda c: Query.of(object()), TypeError, r"cannot make a query from object: it has no 'question'")
 case("query-of-item-dict-works", "ok", lambda c: Query.of(dict(make_item(TB, "val", "attr", 0).to_dict(), image=scene())),
      None, "", lambda c, q: q.answer is not None or pytest.fail("answer lost"))
+case("chat-prompt-negative-images", "silent", lambda c: chat_prompt(c.reasoner.tokenizer, "Q?", n_images=-1), ValueError, r"n_images: must be an integer >= 0, got -1")
 case("encode-image-count-mismatch", "trace", lambda c: encode(c.reasoner.tokenizer, image_processor(), "no image here", [scene()]),
      ValueError, r"prompt has 0 <\|image_pad\|> markers but 1 images")
 case("pixels-0x0", "trace", lambda c: pixels(image_processor(), [Image.new("RGB", (5, 0))]), ValueError, r"image 0: empty image")
@@ -381,6 +410,11 @@ case("shard-index-lists-missing-shard", "trace", ckpt_file("model.safetensors.in
      FileNotFoundError, r"{ckpt}/model\.safetensors\.index\.json: lists shard\(s\) model-00002\.safetensors that are missing")
 case("shard-index-malformed", "trace", ckpt_file("model.safetensors.index.json", '{"weight_map": ["x"]}'),
      ValueError, r"{ckpt}/model\.safetensors\.index\.json: invalid shard index")
+case("shard-index-lists-pickle", "misleading", ckpt_file("model.safetensors.index.json", '{"weight_map": {"a": "pytorch_model-00001.bin"}}'),
+     ValueError, r"{ckpt}/model\.safetensors\.index\.json: lists pickle shard\(s\) pytorch_model-00001\.bin; refusing to unpickle")
+case("lvr-head-wrong-width", "trace", lambda c: lvr_head(c, 32), ValueError, r"{ckpt}: lvr_head\.\* weights do not fit an LVR head of width 64")
+case("lvr-head-right-width-works", "ok", lambda c: lvr_head(c, 64), None, "",
+     lambda c, x: (x.head is not None and x.spec.head == "lvr_head") or pytest.fail("no head"))
 case("tokenizer-truncated", "trace", ckpt_trunc("tokenizer.json", 100), ValueError, r"{ckpt}: cannot load tokenizer")
 case("tokenizer-missing", "trace", lambda c: ([(c.ckpt / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], load_ckpt(c)),
      FileNotFoundError, r"{ckpt}: no tokenizer\.json or tokenizer_config\.json")
@@ -425,6 +459,9 @@ case("regenerate-keeps-user-files-in-a-testbed", "loss", lambda c: (c.tb, c.file
      FileExistsError, r"{tb}: a latentmed testbed, but it also holds my_notes\.txt", kept("tb/my_notes.txt"))
 case("generate-into-an-empty-folder-works", "ok", lambda c: ((c.tmp / "empty").mkdir(), D.ensure(TB, c.tmp / "empty", progress=False)), None, "",
      lambda c, r: len(r[1]) == 16 or pytest.fail(str(len(r[1]))))
+case("testbed-items-misspelt-split", "silent", lambda c: D.load(c.tb).items("tets"), ValueError, r"split 'tets': not one of train, val, test")
+case("testbed-items-unknown-family", "silent", lambda c: D.load(c.tb).items(family="colour"), ValueError,
+     r"family 'colour': not a task family of the testbed at {tb}")
 case("generate-config-a-dict", "trace", lambda c: D.generate(TB.to_dict(), c.tmp / "g", progress=False), TypeError, r"config: expected a TestbedConfig, got dict")
 case("manifest-counts-disagree", "silent", tb_manifest(lambda d: d["counts"]["train"].update(attr=9)), D.TestbedFormatError,
      r"{tb}/manifest\.json: counts .* disagree with its config")
@@ -490,6 +527,8 @@ case("captioner-image-without-path", "trace", lambda c: C.convert_file(monet_fil
 case("captioner-text-item-without-text", "trace", lambda c: C.convert_file(monet_file(c, lambda s, d: s["data"][2]["content"][0].pop("text")),
                                                                            c.tmp / "o.json", C.GroundTruthCaptioner({})),
      ValueError, r"train\.json sample 0: text item without a 'text' string")
+case("imagination-never-closed", "trace", lambda c: C.imagination({"data": [{"role": "assistant", "content": [
+    {"type": "text", "text": "look <imagine> a red star"}]}]}), ValueError, r"sample: <imagine> at character 5 is never closed by </imagine>")
 case("captioner-empty-file", "silent", lambda c: C.load_interleaved(c.file("e.json", "[]")), ValueError, r"{tmp}/e\.json: expected a non-empty list of samples")
 case("captioner-no-ground-truth-caption", "trace", lambda c: C.GroundTruthCaptioner({}).caption(None, "", key="crops/x.png"), ValueError,
      r"no ground-truth caption for image 'crops/x\.png'")
@@ -509,7 +548,11 @@ case("sft-max-steps-zero", "silent", lambda c: S.sft(c.ckpt, c.tmp / "none.json"
 case("sft-negative-lr", "silent", lambda c: S.sft(c.ckpt, c.tmp / "none.json", c.tmp / "out", lr=-1e-5), ValueError, r"lr: must be a finite number > 0")
 case("sft-out-holds-user-files", "loss", lambda c: (c.file("out/results.csv"), S.sft(c.ckpt, c.tmp / "none.json", c.tmp / "out", max_steps=1)),
      FileExistsError, r"{tmp}/out: holds files that `latentmed\.zoo\.sft` did not write", kept("out/results.csv"))
-case("sft-truncated-weights", "trace", lambda c: (truncate(c.ckpt / "model.safetensors", -50), S.sft(c.ckpt, c.tmp / "none.json", c.tmp / "out", max_steps=1)),
+case("sft-cli-data-missing", "trace", lambda c: cli(S.main, ["--model", str(c.ckpt), "--data", str(c.tmp / "none.json"), "--out", str(c.tmp / "o")]),
+     None, "", lambda c, r: (r[0] == 1 and re.search(re.escape(f"python -m latentmed.zoo.sft: error: {c.tmp / 'none.json'}: no such file"), r[1]))
+     or pytest.fail(str(r)))
+case("sft-truncated-weights", "trace", lambda c: (truncate(c.ckpt / "model.safetensors", -50),
+                                                  S.sft(c.ckpt, cap_file(c, lambda s, d: None), c.tmp / "out", max_steps=1)),
      DamagedFileError, r"{ckpt}/model\.safetensors: unreadable weights")
 
 # -- the zoo: feature banks, training loop, checkpoints
@@ -569,6 +612,9 @@ case("remove-owned-refuses-user-folder", "loss", lambda c: (c.file("u/f.txt"), f
      r"{tmp}/u: exists but is not a folder written by latentmed", kept("u/f.txt"))
 case("replace-folder-refuses-user-folder", "loss", lambda c: (c.file("u/f.txt"), files.mark_owned(c.tmp / "new", "k"), files.replace_folder(c.tmp / "new", c.tmp / "u", "k")),
      FileExistsError, r"{tmp}/u: exists but is not a k folder written by latentmed", kept("u/f.txt"))
+case("book-unknown-profile", "silent", lambda c: book.execute_all(profile="CI"), ValueError, r"profile 'CI': not one of default, ci")
+case("stage-book-over-a-user-folder", "loss", lambda c: (c.file("site/index.html"), book.stage_book(book.NBVAL_OUT, c.tmp / "site")),
+     FileExistsError, r"{tmp}/site: exists but is not a staged-book folder written by latentmed", kept("site/index.html"))
 case("unwritable-output-folder", "trace", lambda c: paths.ensure_writable(c.file("f") / "sub"), OSError, r"output folder {tmp}/f/sub is not writable")
 case("store-row-without-item", "trace", lambda c: ResultsStore(c.tmp / "st").run("m", "h", {}).add([{"condition": "x"}]), ValueError,
      r"{tmp}/st/m-\w+/rows\.jsonl: a row needs item")

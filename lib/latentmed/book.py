@@ -20,12 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import MARKER, atomic_write_text, mark_owned, remove_owned
 from .paths import ROOT, data_dir, models_dir
 
 NOTEBOOKS = ROOT / "notebooks"
 CHAPTERS_OUT = ROOT / "book" / "chapters"
 NBVAL_OUT = ROOT / "tests" / "notebooks"
+STAGED = "staged-book"  # marker kind of the folders `stage_book` writes (and may replace)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,9 @@ def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: 
 
 
 def execute_all(force: bool = False, profile: str = "default") -> list[Path]:
+    """Run every available chapter with the profile's parameters ("default" or "ci")."""
+    if profile not in ("default", "ci"):
+        raise ValueError(f"profile {profile!r}: not one of default, ci")
     params = (lambda c: c.ci_params) if profile == "ci" else (lambda c: {})
     return [execute(c, CHAPTERS_OUT, params(c), force) for c in available()]
 
@@ -318,14 +322,26 @@ def setup(app):
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
+def _looks_staged(dest: Path) -> bool:
+    """A folder holding nothing but what `stage_book` writes (and the book build's output)."""
+    if not dest.is_dir() or dest.is_symlink():
+        return False
+    names = {p.name for p in dest.iterdir()}
+    return {"_config.yml", "_toc.yml", "book"} <= names <= {"_config.yml", "_toc.yml", "book", "_build", MARKER}
+
+
 def stage_book(chapters: Path, dest: Path) -> Path:
     """A buildable copy of the book in `dest` whose chapters are the executed notebooks in
     `chapters` (e.g. the CI copies in tests/notebooks/): config, toc, the book's own pages."""
     import shutil
 
     dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
+    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+        dest.rmdir()
+    elif _looks_staged(dest):
+        mark_owned(dest, STAGED)  # staged by an earlier version of this code (no marker yet)
+    remove_owned(dest, STAGED)  # an earlier staged copy; a folder the project did not stage is refused
+    mark_owned(dest, STAGED)
     (dest / "book" / "chapters").mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(ROOT / name, dest / name)

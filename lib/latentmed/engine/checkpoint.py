@@ -101,6 +101,10 @@ def weight_files(folder: Path) -> list[Path]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
             raise ValueError(f"{index}: invalid shard index ({exc})") from exc
+        pickles = [s for s in shards if s.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ValueError(f"{index}: lists pickle shard(s) {', '.join(pickles[:3])}; refusing to unpickle. "
+                             "Convert them to safetensors first")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index}: lists shard(s) {', '.join(missing)} that are missing "
@@ -204,7 +208,11 @@ def load_head(files: list[Path], hidden: int, cfg: dict, dtype, device) -> LVRHe
         raise ValueError(f"{files[0].parent}: config.json asks for lvr_head but no lvr_head.* weights "
                          "were found")
     head = LVRHead(hidden)
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped keys
+        raise ValueError(f"{files[0].parent}: lvr_head.* weights do not fit an LVR head of width {hidden} "
+                         f"({str(exc).splitlines()[0]} ...)") from exc
     return head.to(device=device, dtype=dtype).eval()
 
 

@@ -29,7 +29,7 @@ def as_image(x, where: str = "image") -> Image.Image:
             with Image.open(x) as f:
                 f.load()
                 im = f.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{x}: cannot read image ({exc})") from exc
     elif isinstance(x, np.ndarray):
         if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (1, 3, 4)):
@@ -55,6 +55,23 @@ def _words(x, name: str, ident: str) -> list[str] | None:
     bad = [w for w in out if not isinstance(w, str) or not w.strip()]
     if bad:
         raise ValueError(f"{ident}: {name} must be non-empty strings, got {bad!r}")
+    return out
+
+
+def _boxes(x, ident: str) -> list[list[float]] | None:
+    """Evidence boxes as [x0, y0, x1, y1] pixel lists with x0 < x1 and y0 < y1 (None: no boxes)."""
+    if x is None:
+        return None
+    if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple)):
+        raise TypeError(f"{ident}: evidence_boxes must be a list of [x0, y0, x1, y1] boxes, got {type(x).__name__}")
+    out = []
+    for b in x:
+        ok = isinstance(b, (list, tuple)) and len(b) == 4 and all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+            for v in b)
+        if not ok or b[0] >= b[2] or b[1] >= b[3]:
+            raise ValueError(f"{ident}: evidence box {b!r} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+        out.append([float(v) if isinstance(v, (float, np.floating)) else int(v) for v in b])
     return out
 
 
@@ -88,6 +105,7 @@ class Query:
             if len(set(self.options)) != len(self.options):
                 raise ValueError(f"{ident}: duplicate options {self.options!r}")
         self.keywords = _words(self.keywords, "keywords", ident)
+        self.evidence_boxes = _boxes(self.evidence_boxes, ident)
         if self.answer is not None:
             n = len(self.options or [])
             if not isinstance(self.answer, (int, np.integer)) or not 0 <= self.answer < n:

@@ -48,7 +48,13 @@ class Testbed:
         return f"Testbed({len(self)} items, {self.config})"
 
     def items(self, split: str | None = None, family: str | None = None) -> list[Item]:
-        """Items of one split and/or family (all when None), in dataset order."""
+        """Items of one split and/or family (all when None), in dataset order; a misspelt split
+        or family is an error, not an empty list."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split {split!r}: not one of {', '.join(SPLITS)}")
+        if family is not None and family not in self.config.families:
+            raise ValueError(f"family {family!r}: not a task family of the testbed at {self.root} "
+                             f"({', '.join(self.config.families)})")
         return [it for it in self._items
                 if (split is None or it.split == split) and (family is None or it.family == family)]
 

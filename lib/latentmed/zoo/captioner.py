@@ -243,15 +243,18 @@ def _save_png(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def imagination(sample: dict) -> list[str]:
+def imagination(sample: dict, where: str = "sample") -> list[str]:
     """The imagination spans of a converted sample (what CapImagine is trained to write)."""
     spans = []
-    for turn in sample["data"]:
+    for turn in _turns(sample, where):
         if turn["role"] == "assistant":
             text = "".join(i.get("text", "") for i in turn["content"])
             while IMAGINE_START in text:
                 a = text.index(IMAGINE_START) + len(IMAGINE_START)
-                b = text.index(IMAGINE_END, a)
+                b = text.find(IMAGINE_END, a)
+                if b < 0:
+                    raise ValueError(f"{where}: {IMAGINE_START} at character {a - len(IMAGINE_START)} is never "
+                                     f"closed by {IMAGINE_END}")
                 spans.append(text[a:b].strip())
                 text = text[b + len(IMAGINE_END):]
     return spans

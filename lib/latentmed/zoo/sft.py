@@ -1,8 +1,9 @@
 """The 7B path: CapImagine-style SFT of a Qwen2.5-VL checkpoint with the HF Trainer.
 
 One device (`--lora` for one GPU, peft) or many through `accelerate launch --config_file
-configs/accelerate/fsdp.yaml -m latentmed.sft ...`; tested on a tiny model with two CPU
-processes. The data is the CapImagine-format JSON that `latentmed.captioner` writes.
+configs/accelerate/fsdp.yaml -m latentmed.zoo.sft ...`; tested on a tiny model with two CPU
+processes. The data is the CapImagine-format JSON that `latentmed.zoo.captioner` or
+`latentmed.testbed.exports.to_capimagine_sft` writes (image items named by any key the formats use).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _messages(sample: dict, image_root: Path, where: str) -> tuple[list[dict], l
 
 
 def sft_examples(samples: list[dict], tok, processor, image_root: str | Path, source: str = "data") -> list[dict]:
-    """Chat samples (CapImagine format, see `latentmed.captioner`) -> tokenised examples.
+    """Chat samples (CapImagine format, see `latentmed.zoo.captioner`) -> tokenised examples.
 
     The user turn (images + text) is the prompt; the loss covers the assistant's text only (its
     imagination and answer) and the end-of-turn token. Image items may name their file with any
@@ -128,10 +129,11 @@ def sft(model_path: str | Path, data: str | Path, out_dir: str | Path, image_roo
     _check_settings(max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum)
     if save:
         _check_out(out_dir)
+    samples = load_interleaved(data)  # a missing or malformed data file fails before the model loads
     # the engine's loader checks config, weights, tokenizer and preprocessor and names what is wrong
     x = checkpoint.load(model_path, method="direct", dtype=torch.bfloat16 if bf16 else torch.float32)
     tok, processor, model = x.tokenizer, x.processor, x.model
-    examples = sft_examples(load_interleaved(data), tok, processor, image_root or data.parent, source=str(data))
+    examples = sft_examples(samples, tok, processor, image_root or data.parent, source=str(data))
     if freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -185,10 +187,10 @@ def _save(model, tok, processor, metrics: dict, out_dir: Path) -> Path:
 def main(argv=None) -> None:
     import argparse
 
-    s = argparse.ArgumentParser(prog="python -m latentmed.sft",
+    s = argparse.ArgumentParser(prog="python -m latentmed.zoo.sft",
                                 description="CapImagine SFT of a Qwen2.5-VL checkpoint (HF Trainer; LoRA; accelerate)")
     s.add_argument("--model", required=True, help="checkpoint folder (tiny or 7B)")
-    s.add_argument("--data", required=True, help="CapImagine-format JSON (latentmed.captioner)")
+    s.add_argument("--data", required=True, help="CapImagine-format JSON (latentmed.zoo.captioner, or the testbed export)")
     s.add_argument("--out", required=True)
     s.add_argument("--image-root", default=None)
     s.add_argument("--lora", action="store_true", help="LoRA on the language model's projections (peft)")
@@ -200,8 +202,11 @@ def main(argv=None) -> None:
     s.add_argument("--bf16", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     a = s.parse_args(argv)
-    m = sft(a.model, a.data, a.out, a.image_root, a.lora, max_steps=a.max_steps, epochs=a.epochs, lr=a.lr,
-            batch_size=a.batch_size, grad_accum=a.grad_accum, bf16=a.bf16, seed=a.seed)
+    try:
+        m = sft(a.model, a.data, a.out, a.image_root, a.lora, max_steps=a.max_steps, epochs=a.epochs, lr=a.lr,
+                batch_size=a.batch_size, grad_accum=a.grad_accum, bf16=a.bf16, seed=a.seed)
+    except (ValueError, OSError) as exc:  # bad input: its message names the file; no stack trace
+        s.exit(1, f"{s.prog}: error: {exc}\n")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in m.items() if k != "losses"}))
 
