@@ -42,7 +42,9 @@ def test_vstar_reads_question_file_and_image_folders(fx):
     assert ex[1].options == ("left", "right") and ex[1].answer == 0
     assert ex[0].id == "0" and ex[3].position == 3
     assert "test_questions.jsonl line 1" in ex[0].source
+    assert ex[0].evidence_boxes == ((4.0, 4.0, 15.0, 15.0),)  # from sa_1000.json: [x, y, w, h] = [4, 4, 11, 11]
     q = ex[0].query()
+    assert q.evidence_boxes == [[4.0, 4.0, 15.0, 15.0]]
     assert isinstance(q, Query) and q.options == list(ex[0].options) and q.answer == 1 and q.images[0].size == (64, 48)
     # the question file itself may be given, and --limit keeps the first questions
     assert [e.id for e in load_benchmark("vstar", fx["vstar"] / "test_questions.jsonl", limit=2)] == ["0", "1"]
@@ -130,6 +132,18 @@ def test_vstar_unreadable_and_truncated_images(fx, tmp_path):
         check_images(ex)
     with pytest.raises(BenchmarkFormatError, match="line 1"):
         ex[0].query()
+
+
+def test_vstar_annotation_is_optional_and_checked(fx, tmp_path):
+    folder = copy(fx["vstar"], tmp_path)
+    (folder / "direct_attributes" / "sa_1000.json").unlink()
+    assert load_benchmark("vstar", folder)[0].evidence_boxes is None
+    (folder / "relative_position" / "sa_1001.json").write_text('{"bbox": [[3, 3, 0, 5]]}')
+    with pytest.raises(BenchmarkFormatError, match=r"sa_1001.json: a box has no area"):
+        load_benchmark("vstar", folder)
+    (folder / "relative_position" / "sa_1001.json").write_text('{"target_object": ["dog"]}')
+    with pytest.raises(BenchmarkFormatError, match=r"sa_1001.json: not a V\* annotation with 'bbox'"):
+        load_benchmark("vstar", folder)
 
 
 def test_vstar_not_json(fx, tmp_path):

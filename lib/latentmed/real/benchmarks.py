@@ -7,7 +7,9 @@ Three formats, read as the published files lay them out (nothing is downloaded):
   `{"image": "direct_attributes/sa_4690.jpg", "text": "<question>\\n(A) ...\\n(B) ...\\n<instruction>",
   "category": "direct_attributes", "question_id": 0, "label": "A"}`; the options are lettered
   inside `text` (four for direct attributes, two for relative position) and the instruction
-  line after them is dropped (each harness writes its own).
+  line after them is dropped (each harness writes its own). The per-image annotation
+  `<image>.json` beside an image, when present, gives the target objects' boxes
+  (`"bbox": [[x, y, w, h], ...]`), kept as the example's evidence boxes.
 * **HR-Bench 4K / 8K** (`DreamMr/HR-Bench`, `hr_bench_{4k,8k}.tsv`, VLMEvalKit's
   `HRBenchDataset`): a TSV with columns index, question, A-D, answer, category (`single` for
   FSP, `cross` for FCP), cycle_category (each question appears once per cycle with its options
@@ -115,6 +117,7 @@ class Example:
     task: str | None = None
     subcategory: str | None = None
     cycle: str | None = None
+    evidence_boxes: tuple[tuple[float, ...], ...] | None = None  # V*: the target objects, pixels (x0, y0, x1, y1)
 
     @property
     def answer_letter(self) -> str:
@@ -127,8 +130,9 @@ class Example:
         """The engine `Query` of this example (its image loaded unless given)."""
         image = self.load_image() if image is None else image
         try:
+            boxes = [list(b) for b in self.evidence_boxes] if self.evidence_boxes else None
             return Query(images=[image], question=self.question, options=list(self.options), answer=self.answer,
-                         id=self.id, family=self.category)
+                         id=self.id, family=self.category, evidence_boxes=boxes)
         except (TypeError, ValueError) as exc:
             raise _bad(self.source, str(exc)) from exc
 
@@ -236,6 +240,24 @@ def parse_vstar_text(text: str, where: str) -> tuple[str, list[str]]:
     return question, options
 
 
+def vstar_boxes(path: Path) -> tuple[tuple[float, ...], ...] | None:
+    """The target objects' boxes from V*'s per-image annotation (`sa_XXXX.json` beside the image,
+    `"bbox": [[x, y, w, h], ...]` in pixels) as (x0, y0, x1, y1); None when there is no annotation."""
+    if not path.is_file():
+        return None
+    try:
+        boxes = json.loads(path.read_text(encoding="utf-8"))["bbox"]
+        if boxes and not isinstance(boxes[0], (list, tuple)):
+            boxes = [boxes]
+        out = tuple((float(x), float(y), float(x) + float(w), float(y) + float(h)) for x, y, w, h in boxes)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise _bad(str(path), f"not a V* annotation with 'bbox': [[x, y, w, h], ...] ({type(exc).__name__}: {exc})"
+                   ) from exc
+    if any(b[2] <= b[0] or b[3] <= b[1] for b in out):
+        raise _bad(str(path), f"a box has no area: {boxes!r}")
+    return out or None
+
+
 def load_vstar(data: str | Path) -> list[Example]:
     """V* Bench from its folder (or its `test_questions.jsonl`)."""
     path = _find(data, VSTAR_FILE, "vstar_bench")
@@ -264,7 +286,8 @@ def load_vstar(data: str | Path) -> list[Example]:
         _check_file_image(image, where)
         ids.append((qid, f"line {n}"))
         out.append(Example("vstar", qid, len(out), question, tuple(options), answer, str(rec["category"]),
-                           ImageRef(path=image), f"{where} (question_id={qid})"))
+                           ImageRef(path=image), f"{where} (question_id={qid})",
+                           evidence_boxes=vstar_boxes(image.with_suffix(".json"))))
     _unique(ids, path, "question_id")
     if not out:
         raise _bad(str(path), "no questions in the file")

@@ -52,7 +52,8 @@ def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def write_vstar(folder: str | Path, n: int = 4, size: tuple[int, int] = (64, 48)) -> Path:
-    """A V* Bench folder: test_questions.jsonl, direct_attributes/ and relative_position/."""
+    """A V* Bench folder: test_questions.jsonl, direct_attributes/ and relative_position/ (each image
+    with its annotation: the square's box)."""
     folder = Path(folder)
     names = list(COLOURS)[:4]
     lines = []
@@ -62,6 +63,9 @@ def write_vstar(folder: str | Path, n: int = 4, size: tuple[int, int] = (64, 48)
         colour = names[i % 4]
         image = f"{cat}/sa_{1000 + i}.jpg"
         scene(colour, size, i).save(folder / image, quality=90)
+        x, y = 4 + (i * 13) % max(1, size[0] - 16), 4 + (i * 7) % max(1, size[1] - 16)
+        (folder / image).with_suffix(".json").write_text(json.dumps(
+            {"target_object": [f"{colour} square"], "bbox": [[x, y, 11, 11]], "question": "", "options": []}))
         if cat == "direct_attributes":
             options = names[i % 4:] + names[:i % 4]
             options = options[1:2] + options[:1] + options[2:]  # right answer second
