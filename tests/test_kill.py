@@ -413,3 +413,24 @@ def test_captioner_output_killed_while_written_is_absent_not_half(tmp_path):
             C.convert_file(src, tmp_path / "d" / "cap.json", gt)
     assert not (tmp_path / "d" / "cap.json").exists()
     assert C.convert_file(src, tmp_path / "d" / "cap.json", gt) == 4
+
+
+def test_zoo_evaluation_killed_before_its_key_is_written_is_recomputed(zoo_root, tmp_path):
+    from latentmed.zoo import evaluate as V
+
+    root = tmp_path / "zoo"
+    shutil.copytree(zoo_root / "base", root / "base")
+    ref = V.summarize(V.evaluate_zoo(root, per_family=1))
+    (root / "eval-test-forced.json").unlink()
+    (root / "eval-test-forced.csv").write_text("stale,table\n1,2\n")  # an older table without its key
+    with pytest.MonkeyPatch.context() as mp:
+        patch_writers(mp, [(V, "atomic_write_json")], kill_at=0)  # the new table is in place, its key is not
+        with pytest.raises(Kill):
+            V.evaluate_zoo(root, per_family=1)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = V.evaluate_model
+        mp.setattr(V, "evaluate_model", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+        again = V.summarize(V.evaluate_zoo(root, per_family=1))
+    assert calls, "a table without its key must be recomputed, not reused"
+    pd.testing.assert_frame_equal(again, ref, check_dtype=False)
