@@ -26,8 +26,8 @@ def model_roles(methods=None) -> pd.DataFrame:
     """One row per model: its role and the segment its spec defines.
 
     Roles: base; direct (no segment); text imagination (a caption between markers); latent
-    (fed-back hidden states); positive control (slots filled with the evidence crop's tower
-    tokens); negative control (slots filled with a constant). `image_after_segment` says
+    (fed-back hidden states); positive control (slots filled from outside with the evidence's
+    tower tokens); negative control (slots filled with a constant). `image_after_segment` says
     whether positions after the segment may attend to the image (the bypass around the slots).
     """
     r = _recipes()
@@ -42,7 +42,7 @@ def model_roles(methods=None) -> pd.DataFrame:
             role = "text imagination"
         elif spec.latent_source == "constant":
             role = "negative control"
-        elif spec.latent_source == "evidence_crop":
+        elif spec.latent_source != "hidden":  # the slots are filled from outside with the evidence
             role = "positive control"
         else:
             role = "latent"
@@ -54,7 +54,7 @@ def model_roles(methods=None) -> pd.DataFrame:
                          end=spec.end_rule if seg else "",
                          slots_hold=spec.latent_source if spec.has_latents else "",
                          prompt_image=spec.prompt_image,
-                         image_after_segment=(spec.after_segment == "all") if seg else True))
+                         image_after_segment=(spec.after_segment != "segment") if seg else True))
     return pd.DataFrame(rows)
 
 
@@ -69,66 +69,86 @@ def _losses(plan: dict, segment: bool) -> str:
         parts.append(f"{plan['attn_weight']:g} attention->{plan['evidence_in']}")
     if plan["hop_weight"]:
         parts.append(f"{plan['hop_weight']:g} hop")
+    if plan.get("ground_slots"):
+        parts.append("slot attention->evidence")
     if plan["align"]:
         parts.append(f"{plan['align_weight']:g} {plan['align']}")
     return " + ".join(parts)
 
 
+# optimiser fields that are bookkeeping, not training differences
+_CFG_SKIP = ("name", "seed", "eval_every", "save_every")
+_RENAME = {"batch_size": "batch", "n_latents": "latents", "latent_fill": "slots_filled_with",
+           "with_crop": "crop_in_sequence", "evidence_in": "attention_onto"}
+
+
 def training_differences(budget: str = "default", seed: int = 0, config=None, methods=None) -> pd.DataFrame:
     """Every training setting of every model, one row per (model, stage), from `recipes.settings`.
 
-    Columns: model, stage, steps, lr, warmup, decay_start, batch, keep_best, teacher, latents
-    (slots in the training sequence), slots_filled_with, crop_in_sequence, image, losses, and
-    every other plan or optimiser field. `differing` picks the columns that are not the same
-    for every row; `constant_settings` lists the rest.
+    Every field of each stage's optimiser config and plan is a column (a field added to the
+    recipes appears without editing this), plus `losses` (the loss terms with their weights),
+    `teacher` and `pool` (training items per family). `attrs["optimisation"]` names the optimiser
+    columns. `differing` picks the columns that are not the same for every row;
+    `constant_settings` lists the rest.
     """
     from ..testbed.items import TestbedConfig
 
     r = _recipes()
     config = config or TestbedConfig()
-    rows = []
+    rows, opt_cols = [], {"steps", "teacher", "pool"}
     for name in methods or r.METHODS:
         s = r.settings(name, budget, seed, config, base_hash="base")
         spec = r.SPECS[name]
         if name == r.BASE:
-            rows.append(dict(model=name, stage="vision", steps=s["vision_steps"], losses="per-cell labels (dense)",
-                             pool=np.nan))
+            rows.append(dict(model=name, stage="vision", steps=s["vision_steps"], losses="per-cell labels (dense)"))
         for st in s["stages"]:
             plan, cfg = st["plan"], st["cfg"]
-            row = dict(model=name, stage=cfg["name"], steps=cfg["steps"], lr=cfg["lr"], warmup=cfg["warmup"],
-                       decay_start=cfg["decay_start"], min_lr_frac=cfg["min_lr_frac"], batch=cfg["batch_size"],
-                       grad_clip=cfg["grad_clip"], keep_best=cfg["keep_best"], teacher=st["teacher"] or "",
-                       latents=plan["n_latents"], slots_filled_with=plan["latent_fill"] if plan["n_latents"] else "",
-                       crop_in_sequence=plan["with_crop"], image=plan["image"],
-                       losses=_losses(plan, spec.has_segments or plan["with_crop"]),
-                       answer_weight=plan["answer_weight"], segment_weight=plan["segment_weight"],
-                       attn_weight=plan["attn_weight"], attention_onto=plan["evidence_in"],
-                       hop_weight=plan["hop_weight"], align=plan["align"] or "", align_weight=plan["align_weight"],
-                       count_attention=plan["count_attention"], pool=s["pool"], val_per_family=s["val"])
+            row = dict(model=name, stage=cfg["name"])
+            for k, v in cfg.items():
+                if k not in _CFG_SKIP:
+                    row[_RENAME.get(k, k)] = v
+                    opt_cols.add(_RENAME.get(k, k))
+            row.update(teacher=st["teacher"] or "", pool=s["pool"], val_per_family=s["val"])
+            for k, v in plan.items():
+                row[_RENAME.get(k, k)] = "" if v is None else v
+            if not plan.get("n_latents"):
+                row["slots_filled_with"] = ""
+            row["losses"] = _losses(plan, spec.has_segments or plan["with_crop"])
             rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["optimisation"] = [c for c in out.columns if c in opt_cols]
+    return out
 
 
-def training_table(diffs: pd.DataFrame, drop=("answer_weight", "segment_weight", "attention_onto", "align",
-                                              "align_weight")) -> pd.DataFrame:
-    """`training_differences` for reading: only the differing settings (the weights are in
-    `losses`), whole numbers without decimals, blanks for settings a stage does not have."""
+def _cell(v) -> str:
+    """A table cell for reading: blank for a missing value, whole numbers without decimals."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def readable(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with every cell as text for reading (`_cell`)."""
+    return df.astype(object).map(_cell)
+
+
+def training_table(diffs: pd.DataFrame, drop=("answer_weight", "segment_weight", "attn_weight", "hop_weight",
+                                              "attention_onto", "align", "align_weight")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`training_differences` for reading, as two tables indexed by (model, stage): the
+    optimisation settings, and what each stage feeds the model and supervises (the loss weights
+    are in `losses`). Only settings that differ between stages; blanks where a stage has none."""
     shared = constant_settings(diffs)
     table = differing(diffs.drop(columns=[c for c in [*shared, *drop] if c in diffs.columns]))
-
-    def cell(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return ""
-        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
-            return str(int(v))
-        if isinstance(v, float):
-            return f"{v:g}"
-        return str(v)
-
-    out = table.astype(object).map(cell)
-    out["losses"] = out.pop("losses")  # the longest column last
-    return out.rename(columns={"slots_filled_with": "slots filled with", "crop_in_sequence": "crop in sequence",
-                               "keep_best": "keep best"}).set_index(["model", "stage"])
+    opt_names = set(diffs.attrs.get("optimisation", ()))
+    out = readable(table).set_index(["model", "stage"])
+    opt = [c for c in out.columns if c in opt_names]
+    seq = [c for c in out.columns if c not in opt_names and c != "losses"] + (["losses"] if "losses" in out.columns else [])
+    names = lambda df: df.rename(columns=lambda c: c.replace("_", " "))  # noqa: E731
+    return names(out[opt]), names(out[seq])
 
 
 def differing(df: pd.DataFrame, keep=("model", "stage")) -> pd.DataFrame:
@@ -152,21 +172,23 @@ def constant_settings(df: pd.DataFrame, skip=("model", "stage")) -> dict:
 def comparison_pairs(roles: pd.DataFrame, present=None) -> list[tuple[str, str, str]]:
     """The comparison family of chapter 2, from the models' roles: (model_a, model_b, question).
 
-    Every latent model against direct and against the negative control (its comparator: a
-    segment of the same shape without content); the text-imagination model against every
+    Every latent model (bypass open or closed, said in the question) against direct and against
+    the negative control (its comparator: a segment of the same shape without content); the text-imagination model against every
     latent model and against direct; the negative control against direct (what a content-free
     segment costs); the positive control against the negative control (do informative slots
     help). `present` restricts to models with records.
     """
     present = set(present) if present is not None else set(roles["model"])
     by = {role: [m for m in roles.loc[roles["role"] == role, "model"] if m in present] for role in ROLE_ORDER}
+    closed = set(roles.loc[~roles["image_after_segment"].astype(bool), "model"])
+    kind = {m: "latent (bypass closed)" if m in closed else "latent" for m in by["latent"]}
     pairs = []
     for t in by["text imagination"]:
-        pairs += [(t, m, "text vs latent") for m in by["latent"]]
+        pairs += [(t, m, f"text vs {kind[m]}") for m in by["latent"]]
         pairs += [(t, d, "text vs direct") for d in by["direct"]]
     for m in by["latent"]:
-        pairs += [(m, d, "latent vs direct") for d in by["direct"]]
-        pairs += [(m, n, "latent vs negative control") for n in by["negative control"]]
+        pairs += [(m, d, f"{kind[m]} vs direct") for d in by["direct"]]
+        pairs += [(m, n, f"{kind[m]} vs negative control") for n in by["negative control"]]
     for n in by["negative control"]:
         pairs += [(n, d, "segment cost") for d in by["direct"]]
     for p in by["positive control"]:
@@ -275,5 +297,5 @@ def objects_effect(records: pd.DataFrame, n_objects: pd.Series) -> pd.DataFrame:
     return out
 
 
-__all__ = ["ROLE_ORDER", "accuracy_with_chance", "comparison_pairs", "comparisons", "constant_settings", "differing", "training_table",
+__all__ = ["ROLE_ORDER", "accuracy_with_chance", "comparison_pairs", "comparisons", "constant_settings", "differing", "readable", "training_table",
            "model_roles", "objects_effect", "protocol_agreement", "segment_behaviour", "training_differences"]
