@@ -612,7 +612,15 @@ case("remove-owned-refuses-user-folder", "loss", lambda c: (c.file("u/f.txt"), f
      r"{tmp}/u: exists but is not a folder written by latentmed", kept("u/f.txt"))
 case("replace-folder-refuses-user-folder", "loss", lambda c: (c.file("u/f.txt"), files.mark_owned(c.tmp / "new", "k"), files.replace_folder(c.tmp / "new", c.tmp / "u", "k")),
      FileExistsError, r"{tmp}/u: exists but is not a k folder written by latentmed", kept("u/f.txt"))
-case("book-unknown-profile", "silent", lambda c: book.execute_all(profile="CI"), ValueError, r"profile 'CI': not one of default, ci")
+def _no_chapter_runs(c: Ctx) -> None:
+    """Stub out chapter execution: a missing check must fail fast, not run the whole book."""
+    def ran(*a, **kw):
+        raise AssertionError("a chapter was executed with an unknown profile")
+    c.monkeypatch.setattr(book, "execute", ran)
+
+
+case("book-unknown-profile", "silent", lambda c: (_no_chapter_runs(c), book.execute_all(profile="CI")), ValueError,
+     r"profile 'CI': not one of default, ci")
 case("stage-book-over-a-user-folder", "loss", lambda c: (c.file("site/index.html"), book.stage_book(book.NBVAL_OUT, c.tmp / "site")),
      FileExistsError, r"{tmp}/site: exists but is not a staged-book folder written by latentmed", kept("site/index.html"))
 case("unwritable-output-folder", "trace", lambda c: paths.ensure_writable(c.file("f") / "sub"), OSError, r"output folder {tmp}/f/sub is not writable")
