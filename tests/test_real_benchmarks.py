@@ -226,8 +226,10 @@ def _mme_save(folder, entries):
 @pytest.mark.parametrize("break_it, match", [
     (lambda es: es[1].pop("Ground truth"), r"entry 2: missing key\(s\) Ground truth"),
     (lambda es: es[2].update(Question_id=es[0]["Question_id"]), r"duplicated Question_id .* \(entry 1 and entry 3\)"),
-    (lambda es: es[0].update({"Ground truth": "F"}), r"entry 1 \(Question_id=.*\): answer 'F' is not one of the options A, B, C, D, E"),
-    (lambda es: es[0].update({"Answer choices": ["A) x", "(B) y"]}), r"entry 1 .*'Answer choices' must look like '\(A\) text'"),
+    (lambda es: es[0].update({"Ground truth": "F"}),
+     r"entry 1 \(Question_id=.*\): answer 'F' is not one of the options A, B, C, D, E"),
+    (lambda es: es[0].update({"Answer choices": ["A) x", "(B) y"]}),
+     r"entry 1 .*'Answer choices' must look like '\(A\) text'"),
     (lambda es: es[1].update(Image="nowhere/none.jpg"), r"entry 2 .*image file .*none.jpg is missing"),
 ])
 def test_mme_bad_entries_name_file_and_entry(fx, tmp_path, break_it, match):

@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from latentmed.real import evaluate as E
-from latentmed.real import fixtures, load_model, report
+from latentmed.real import fixtures, load_benchmark, load_model, report
 from latentmed.real.cli import main as cli
 from latentmed.real.evaluate import VOLATILE, Settings, evaluate, merge, read_rows
 from latentmed.store import ResultsStore
+from safetensors import safe_open
 
 METHODS = ["direct", "monet", "monet-sft", "lvr", "mirage", "capimagine"]
 SMALL = ["--max-new-tokens", "16", "--min-pixels", "784", "--max-pixels", "12544", "--no-progress"]
@@ -81,6 +82,23 @@ def test_each_released_layout_loads_with_its_tokens_config_and_template(fx):
 
     assert pixel_bounds(monet.processor) == EVAL_PIXELS["monet"]
     assert pixel_bounds(load_model(ck["mirage"], "mirage", "vstar", max_pixels=5000).processor)[1] == 5000
+
+
+@pytest.mark.parametrize("method", ["direct", "monet"])
+def test_checkpoints_saved_by_older_transformers_load_to_the_same_model(fx, tmp_path, method):
+    """Qwen2.5-VL-7B-Instruct is published with a flat config.json and weight names without
+    `language_model`; the loader must read that layout into the same model."""
+    old = fixtures.method_checkpoint(tmp_path / "old", method, seed=1, legacy=True)
+    cfg = json.loads((old / "config.json").read_text())
+    assert "text_config" not in cfg and cfg["rope_scaling"]["type"] == "mrope"
+    with safe_open(str(old / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and any(k.startswith("visual.") for k in f.keys())
+    a, b = load_model(old, method, "vstar"), load_model(fx["ckpt"][method], method, "vstar")
+    assert a.load_report == {"missing": [], "unexpected": []}
+    ex = load_benchmark("vstar", fx["data"]["vstar"])[0]
+    ta = a.generate(a.prompt(ex.query()), max_new_tokens=12, force_latent=method == "monet")
+    tb = b.generate(b.prompt(ex.query()), max_new_tokens=12, force_latent=method == "monet")
+    assert ta.generated_ids == tb.generated_ids and ta.answer_logprobs == pytest.approx(tb.answer_logprobs, abs=1e-5)
 
 
 def test_checkpoint_errors_are_clear(fx, tmp_path):

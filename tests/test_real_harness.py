@@ -27,7 +27,8 @@ def test_vlmevalkit_mcq_prompt_for_vstar_and_hrbench():
 def test_lmms_eval_prompts():
     assert user_text("lmms-eval", "vstar", "Q?", ["a", "b"]) == (
         "Q?\nA. a\nB. b\nAnswer with the option's letter from the given choices directly.")
-    assert user_text("lmms-eval", "hrbench4k", " Q? ", ["a", "b"]) == "Q?\nA. a\nB. b\nAnswer the option letter directly."
+    want = "Q?\nA. a\nB. b\nAnswer the option letter directly."
+    assert user_text("lmms-eval", "hrbench4k", " Q? ", ["a", "b"]) == want
 
 
 def test_mme_prompts_list_lettered_choices():

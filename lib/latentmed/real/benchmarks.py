@@ -335,7 +335,8 @@ def load_hrbench(data: str | Path, benchmark: str = "hrbench4k") -> list[Example
                 raw = _b64decode(cell, where)
             except BenchmarkFormatError:
                 if len(cell) <= REF_MAX:
-                    raise _bad(where, f"the image cell {cell!r} is neither base64 nor the index of another row") from None
+                    raise _bad(where, f"the image cell {cell!r} is neither base64 nor the index of another "
+                               "row") from None
                 raise
             _check_image_bytes(raw, where)
             checked.add(id(cell))

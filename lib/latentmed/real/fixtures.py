@@ -11,7 +11,8 @@ nothing here is a result.
   `latent_start_id`, `latent_end_id`, `answer_start_pattern`; LVR's `lvr_start_id`, `lvr_id`,
   `lvr_latent_end_id`, `lvr_end_id`, `lvr_head` (with `lvr_head.*` weights when true);
   Mirage's ids, `latent_size`, `compress_strategy`, `stage` and an embedding resized to the
-  tokenizer's length; Qwen2.5-VL and CapImagine tokenizers without any method token.
+  tokenizer's length; Qwen2.5-VL and CapImagine tokenizers without any method token. With
+  `legacy=True` the folder has the layout older transformers wrote (`to_legacy_layout`).
 """
 
 from __future__ import annotations
@@ -156,8 +157,36 @@ def _add_lvr_head(folder: Path, hidden: int, seed: int) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def to_legacy_layout(folder: str | Path) -> Path:
+    """Rewrite a checkpoint folder the way transformers 4.4x-4.51 saved Qwen2.5-VL (as
+    Qwen2.5-VL-7B-Instruct is published): the text settings flat in config.json with
+    `rope_scaling: {type: mrope}`, and weight names without `language_model` (`model.layers.*`,
+    `visual.*`)."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for k, v in text.items():
+        if k != "model_type":
+            cfg.setdefault(k, v)
+    cfg.update(rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]}, rope_theta=rope["rope_theta"],
+               transformers_version="4.49.0")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    path = folder / "model.safetensors"
+    renames = (("model.language_model.", "model."), ("model.visual.", "visual."))
+    state = {}
+    for k, v in load_file(str(path)).items():
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        state[k] = v
+    save_file(state, str(path), metadata={"format": "pt"})
+    return folder
+
+
 def method_checkpoint(folder: str | Path, method: str, seed: int = 0, lvr_head: bool = False,
-                      max_pixels: int = 112 * 112, min_pixels: int = 28 * 28) -> Path:
+                      max_pixels: int = 112 * 112, min_pixels: int = 28 * 28, legacy: bool = False) -> Path:
     """A tiny random checkpoint in the layout of `method`'s released model (module doc)."""
     folder = Path(folder)
     tok = build_tokenizer()
@@ -184,7 +213,7 @@ def method_checkpoint(folder: str | Path, method: str, seed: int = 0, lvr_head: 
                    latent_end_id=ids("<|latent_end|>"), latent_size=4, compress_strategy="average", stage="stage2")
     else:
         raise ValueError(f"unknown method {method!r}")
-    return folder
+    return to_legacy_layout(folder) if legacy else folder
 
 
 # ---------------------------------------------------------------- a demo results folder

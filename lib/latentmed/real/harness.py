@@ -5,10 +5,13 @@ real track asks each question the way a harness does and scores the reply with t
 rule, re-implemented here from the harnesses' public code (no judge model: the rule's answer
 or "unparsed"):
 
-| harness | V* / HR-Bench prompt | MME-RealWorld-Lite prompt |
-|---|---|---|
-| `vlmevalkit` | `Question: q\\nOptions:\\nA. x\\nB. y\\nPlease select the correct answer from the options above. \\n` | `q The choices are listed below:\\n(A) x\\n...(E) z\\nSelect the best answer ... (A, B, C, D, or E) of the correct option. \\nThe best answer is:` |
-| `lmms-eval` | `q\\nA. x\\nB. y` + `\\nAnswer with the option's letter from the given choices directly.` (V*) or `\\nAnswer the option letter directly.` (HR-Bench) | the same text with `\\nThe best answer is: ` |
+* `vlmevalkit`, V* and HR-Bench: `Question: q\nOptions:\nA. x\nB. y\n` +
+  `Please select the correct answer from the options above. \n`;
+  MME-RealWorld-Lite: `q The choices are listed below:\n(A) x\n...\n(E) z\n` +
+  `Select the best answer ... (A, B, C, D, or E) of the correct option. \nThe best answer is:`.
+* `lmms-eval`, V*: `q\nA. x\nB. y` + `\nAnswer with the option's letter from the given choices
+  directly.`; HR-Bench: `q\nA. x\nB. y\nAnswer the option letter directly.`; MME-RealWorld-Lite:
+  the same text as VLMEvalKit's without the space before `\nThe best answer is: `.
 
 Extraction: VLMEvalKit's `can_infer` for V* and HR-Bench (exactly one option letter standing
 alone after punctuation is blanked, else exactly one option text contained in the reply),

@@ -5,14 +5,18 @@ Every model loads from a local folder through the engine's one loader
 tokenizer and cross-checked against its config.json, LVR's head when its config says so). A
 preset adds what an evaluation needs beside the method's `LatentSpec` (survey sections 1-4):
 
-| method | checkpoint | latent segment | answer | pixels (min .. max) |
-|---|---|---|---|---|
-| `direct` | Qwen/Qwen2.5-VL-7B-Instruct | none | option letter | 3136 .. 12845056 |
-| `monet` | NOVAglow646/Monet-7B | `<abs_vis_token>`, first latent on the start slot, 10 latents, end forced; model-decided start (`--force-latent` opens it) | `\\boxed{}` | 200704 .. 6422528 |
-| `monet-sft` | NOVAglow646/Monet-SFT-7B | the same markers, latents on pad slots after the start | `\\boxed{}` | 200704 .. 6422528 |
-| `lvr` | vincentleebang/LVR-7B | `<\\|lvr_start\\|>`, 8 latents (`lvr_steps`), `lvr_head` if config.json says so | `<answer>` | 3136 .. 12845056 |
-| `mirage` | Miiche/vsp_spatial_planning_direct_sft | `<\\|latent_start\\|>`, until `<\\|latent_end\\|>`, cap 8 | `\\boxed{}` | checkpoint's |
-| `capimagine` | Michael4933/CapImagine-7B | text imagination (traced between markers only if its tokenizer has them) | `\\boxed{}` | checkpoint's |
+* `direct`: Qwen/Qwen2.5-VL-7B-Instruct; no segment; option letter; pixels 3136 .. 12845056.
+* `monet`: NOVAglow646/Monet-7B; `<abs_vis_token>`, the first latent on the start slot, 10
+  latents, end forced; the model decides to open it (`--force-latent` opens it); `\boxed{}`;
+  pixels 200704 .. 6422528 (its inference script).
+* `monet-sft`: NOVAglow646/Monet-SFT-7B; the same markers, latents on pad slots after the start;
+  `\boxed{}`; 200704 .. 6422528.
+* `lvr`: vincentleebang/LVR-7B; `<|lvr_start|>`, 8 latents (`lvr_steps`), `lvr_head` when
+  config.json says so; `<answer>`; 3136 .. 12845056 (qwen_vl_utils' defaults).
+* `mirage`: Miiche/vsp_spatial_planning_direct_sft; `<|latent_start|>` until `<|latent_end|>`,
+  cap 8; `\boxed{}`; the checkpoint's pixel bounds.
+* `capimagine`: Michael4933/CapImagine-7B; text imagination (traced between markers only when
+  its tokenizer has them); `\boxed{}`; the checkpoint's pixel bounds.
 
 CapImagine-7B is run "with the official Qwen2.5-VL inference code" (its README): its tokenizer
 has no imagination markers, so its imagination is ordinary text (placement "none"); a

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from scipy.stats import binomtest
 
 from ..analysis.stats import holm, mcnemar_paired, wilson
@@ -106,7 +105,8 @@ def summary(out: str | Path, model: str | None = None) -> pd.DataFrame:
         lo, hi = wilson(int(g["correct"].sum()), len(g))
         paper = paper_accuracy(d["method"], d["benchmark"])
         seg = g[g["segments"].astype(bool)]
-        d.update(n=len(g), n_correct=int(g["correct"].sum()), accuracy=acc, ci_low=lo, ci_high=hi, paper=None if paper is None else paper / 100,
+        d.update(n=len(g), n_correct=int(g["correct"].sum()), accuracy=acc, ci_low=lo, ci_high=hi,
+                 paper=None if paper is None else paper / 100,
                  diff=None if paper is None else acc - paper / 100,
                  accuracy_strict=score(g, d["benchmark"], "correct_strict")["overall"],
                  accuracy_logprob=score(g, d["benchmark"], "correct_logprob")["overall"],
@@ -231,8 +231,8 @@ def commands(model_dirs: dict[str, str] | None = None, data_dirs: dict[str, str]
     lines = []
     for method, folder in model_dirs.items():
         for bench, data in data_dirs.items():
-            base = (f"accelerate launch --multi_gpu --num_processes 8 -m latentmed.real eval --model {folder} --method {method} "
-                    f"--benchmark {bench} --data {data} --out {out}")
+            base = (f"accelerate launch --multi_gpu --num_processes 8 -m latentmed.real eval --model {folder} "
+                    f"--method {method} --benchmark {bench} --data {data} --out {out}")
             lines.append(base)
             if method in force_latent_for:
                 lines.append(base + " --force-latent")
