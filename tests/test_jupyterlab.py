@@ -86,7 +86,7 @@ def test_jupyterlab_lists_the_chapters_with_the_projects_kernel(lab):
     assert python3 is not None, specs["kernelspecs"].keys()
     argv0 = Path(python3["spec"]["argv"][0])
     # the kernel the chapters name runs the project's interpreter (env.sh installs it --sys-prefix)
-    assert argv0.parent == BIN and "ipykernel_launcher" in python3["spec"]["argv"], python3["spec"]["argv"]
+    assert argv0.parent.resolve() == BIN.resolve() and "ipykernel_launcher" in python3["spec"]["argv"], python3["spec"]["argv"]
     status, page = _get(f"{base}/lab", token)
     assert status == 200 and b"JupyterLab" in page
 
