@@ -77,5 +77,5 @@ def test_layers_point_one_way():
 
 def test_subpackages_map_onto_the_book():
     subs = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
-    assert subs == ["analysis", "engine", "testbed", "zoo"]
+    assert subs == ["analysis", "engine", "real", "testbed", "zoo"]
     assert max(len(f.read_text().splitlines()) for f in PKG.rglob("*.py")) < 700

@@ -30,7 +30,7 @@ def run_study(fresh, tmp_path, after: str, names=("swap", "zero", "noise")):
     qs = queries()
     run = ResultsStore(tmp_path / after).run(r.spec.method, "h", {"after": after})
     clean = measure(r, qs, [], run, CFG)
-    conds = C.latent_conditions(clean, [q.family for q in qs], K=4, names=names)
+    conds = C.latent_conditions(clean, [q.family for q in qs], names=names)
     measure(r, qs, conds, run, CFG, clean=clean)
     return run.frame()
 
@@ -63,7 +63,7 @@ def test_a_killed_measurement_resumes_without_loss_or_duplicates(fresh, tmp_path
     qs = queries(8)
     whole = ResultsStore(tmp_path / "a").run("m", "h", {})
     clean = measure(r, qs, [], whole, CFG)
-    conds = C.latent_conditions(clean, [q.family for q in qs], K=4, names=("zero", "swap", "markers"))
+    conds = C.latent_conditions(clean, [q.family for q in qs], names=("zero", "swap", "markers"))
     measure(r, qs, conds, whole, CFG, clean=clean)
     part = ResultsStore(tmp_path / "b").run("m", "h", {})
     real_add, calls = part.add, {"n": 0}
@@ -96,8 +96,21 @@ def test_effect_statistics_against_values_computed_by_hand():
     assert e["n"] == 8 and e["diff"] == pytest.approx(-2 / 8) and e["flip_rate"] == pytest.approx(3 / 8)
     assert e["margin_change"] == pytest.approx(-1.0) and e["margin_low"] == e["margin_high"] == -1.0
     assert e["p_mcnemar"] == pytest.approx(0.625)  # exact binomial: 3 vs 1 discordant, two-sided
-    m, lo, hi = mean_ci([0, 1] * 50, seed=0)
+    m, lo, hi = mean_ci([0, 1] * 50 + [float("nan")], seed=0)  # non-finite values are left out
     assert m == 0.5 and 0.39 < lo < 0.45 and 0.55 < hi < 0.61  # ~ 0.5 +- 1.96 * 0.05
+    assert e["diff_low"] < e["diff"] < e["diff_high"] < 0.2
     assert Condition("x", lambda i: []).key == "x/generate"
     with pytest.raises(ValueError, match="form must be one of"):
         Condition("x", lambda i: [], "teacher")
+
+
+def test_contrast_with_a_comparator_on_the_same_items():
+    from latentmed.analysis.effects import contrast
+
+    items = [f"i{n}" for n in range(6)]
+    rows = pd.DataFrame([dict(model=m, item=i, condition=c, correct=v)
+                         for m, clean, edit in [("a", [1] * 6, [0, 0, 0, 1, 1, 1]), ("neg", [1] * 6, [1, 1, 1, 1, 1, 0])]
+                         for c, vals in [("clean", clean), ("swap", edit)] for i, v in zip(items, vals)])
+    c = contrast(rows, "a", "neg", "swap")
+    assert c["change"] == pytest.approx(-0.5) and c["comparator_change"] == pytest.approx(-1 / 6)
+    assert c["contrast"] == pytest.approx(-0.5 + 1 / 6) and c["contrast_low"] <= c["contrast"] <= c["contrast_high"]

@@ -39,6 +39,14 @@ def models_dir() -> Path:
     return _dir("LATENTMED_MODELS", ROOT / "models")
 
 
+def use(data=None, models=None, results=None) -> None:
+    """Point the project's folders somewhere else for this process (a chapter's `data_dir`,
+    `models_dir`, `results_dir` parameters: each the folder that holds testbed/, zoo/, study/)."""
+    for env, value in (("LATENTMED_DATA", data), ("LATENTMED_MODELS", models), ("LATENTMED_RESULTS", results)):
+        if value is not None:
+            os.environ[env] = str(Path(value).resolve())
+
+
 def ensure_writable(path: Path) -> Path:
     """Create `path` (a folder) or fail with a message that names it."""
     path = Path(path)

@@ -11,7 +11,8 @@ norm is free (fed-back hidden states can be far larger than word embeddings):
     swap       another item's latents (same family, a seeded derangement: never the item itself)
     shuffle    the item's own latents in a shuffled order (a derangement of the steps)
     first      the first latent repeated at every later slot
-    k_half     K / 2 latents          k_double   2 K latents (generate only: replay cannot add)
+    k_half     K / 2 latents          k_double   2 K latents (generate only: replay cannot add);
+               K is each item's own count in its clean run (a model may end early)
     markers    the start and end markers only, no slots
     drop       no segment at all
 
@@ -31,6 +32,27 @@ from .measure import Condition
 LATENT = ("shared", "mean", "zero", "noise", "noise_add", "swap", "shuffle", "first", "k_half", "k_double",
           "markers", "drop")
 REPLAYABLE = tuple(c for c in LATENT if c != "k_double")
+WHAT = {
+    "shared": "every latent of every item set to one shared tensor (a reference item's first latent)",
+    "mean": "every latent set to the mean latent over the items (Z = mean)",
+    "zero": "zeros",
+    "noise": "a Gaussian direction with the latent's own norm, replacing it (Z = noise)",
+    "noise_add": "the latent plus a Gaussian direction of the latent's norm (Z + noise)",
+    "swap": "another item's latents (same family, seeded derangement: never the item itself)",
+    "shuffle": "the item's own latents in a shuffled order (a derangement of the steps)",
+    "first": "the first latent repeated at every later slot",
+    "k_half": "half as many latents as the item's clean run (K / 2, rounded down)",
+    "k_double": "twice as many latents as the item's clean run (2 K; decoding only: a replay cannot add latents)",
+    "markers": "the start and end markers only, no latent slots",
+    "drop": "no segment at all",
+    "noise_16": "Gaussian pixel noise, std 16 grey levels",
+    "noise_48": "Gaussian pixel noise, std 48",
+    "noise_96": "Gaussian pixel noise, std 96",
+    "mask_evidence": "the evidence boxes painted grey (the evidence crop goes blank)",
+    "other_image": "another item's image (same family) with this question",
+    "other_question": "this image with another item's question (its key words restated)",
+    "other_item": "another item entirely (image, question and options)",
+}
 INPUT = ("noise_16", "noise_48", "noise_96", "mask_evidence", "other_image", "other_question", "other_item")
 
 
@@ -46,10 +68,10 @@ def donors(families: list[str], seed: int = 0) -> np.ndarray:
     return out
 
 
-def latent_conditions(clean: list, families: list[str], K: int, forms=("generate", "replay"),
+def latent_conditions(clean: list, families: list[str], forms=("generate", "replay"),
                       seed: int = 0, names=LATENT) -> list[Condition]:
-    """Chapter 4's latent interventions for one model, from its clean traces (donors, the mean
-    and the shared tensor come from them)."""
+    """Chapter 4's latent interventions for one model, from its clean traces (donors, the mean,
+    the shared tensor and each item's K come from them)."""
     z = [t.segments[0].z_in if t.segments and t.segments[0].z_in is not None else None for t in clean]
     have = [x for x in z if x is not None and len(x)]
     if not have:
@@ -58,6 +80,7 @@ def latent_conditions(clean: list, families: list[str], K: int, forms=("generate
     mean = torch.cat([x.float() for x in have]).mean(0).tolist()
     don = donors(families, seed)
     swap = [z[d].tolist() if z[d] is not None and len(z[d]) else None for d in don]
+    ks = [0 if x is None else len(x) for x in z]  # each item's own K (a model may end early)
     make = {
         "shared": lambda i: [I.FixedLatent(vector=shared)],
         "mean": lambda i: [I.MeanLatent(vector=mean)],
@@ -67,8 +90,8 @@ def latent_conditions(clean: list, families: list[str], K: int, forms=("generate
         "swap": lambda i: [I.SwapLatent(source=swap[i])] if swap[i] is not None else [I.ZeroLatent()],
         "shuffle": lambda i: [I.ShuffleLatents(seed=seed + i)],
         "first": lambda i: [I.RepeatFirstLatent()],
-        "k_half": lambda i: [I.ChangeK(k=max(1, K // 2))],
-        "k_double": lambda i: [I.ChangeK(k=2 * K)],
+        "k_half": lambda i: [I.ChangeK(k=ks[i] // 2)],
+        "k_double": lambda i: [I.ChangeK(k=2 * ks[i])],
         "markers": lambda i: [I.MarkersOnly()],
         "drop": lambda i: [I.DropSegment()],
     }
@@ -104,3 +127,12 @@ def input_conditions(queries: list, seed: int = 0, names=INPUT) -> list[Conditio
                                                 options=queries[don[i]].options)],
     }
     return [Condition(n, make[n], "generate") for n in names]
+
+
+def describe(names=LATENT) -> "pd.DataFrame":
+    """The conditions as a table: name, what it does, the forms it runs in."""
+    import pandas as pd
+
+    return pd.DataFrame([dict(condition=n, what=WHAT[n],
+                              forms="generate, replay" if n in REPLAYABLE else "generate" if n in LATENT else "input")
+                         for n in names])

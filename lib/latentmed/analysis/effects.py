@@ -1,8 +1,8 @@
 """Paired effects of a condition against the clean run on the same items, with intervals and tests.
 
-For each (model, condition): accuracy with and without the edit and their difference with a
-95% bootstrap interval over items (scipy's `bootstrap` on the per-item differences), McNemar's
-test on the paired correct/incorrect outcomes (statsmodels, through `stats.mcnemar_paired`), the
+For each (model, condition): accuracy with and without the edit and their difference with
+Newcombe's 95% interval for paired proportions (`stats.paired_difference`), McNemar's test on
+the paired correct/incorrect outcomes (statsmodels, through `stats.mcnemar_paired`), the
 flip rate (share of items whose chosen option changes) with a Wilson interval, and the change in
 the right option's log-prob margin with a bootstrap interval and Wilcoxon's signed-rank test
 (scipy). Unparsed and non-finite outcomes are counted, never silently folded into "wrong".
@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap, wilcoxon
+from scipy.stats import wilcoxon
 
-from .stats import ALPHA, holm, mcnemar_paired, wilson
+from .stats import ALPHA, bootstrap_interval, holm, mcnemar_paired, paired_difference, wilson
 
 N_BOOT = 2000
 
 
 def mean_ci(d, seed: int = 0, n_boot: int = N_BOOT, alpha: float = ALPHA) -> tuple[float, float, float]:
-    """Mean of per-item values and its percentile bootstrap interval ((nan, nan) when n < 2 or
-    every value is the same)."""
+    """Mean of the finite per-item values with its percentile bootstrap interval over items."""
     d = np.asarray(d, dtype=float)
-    d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(d.mean())
-    if len(d) < 2 or np.all(d == d[0]):
-        return m, m, m
-    res = bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return m, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return bootstrap_interval(d[np.isfinite(d)], n_boot=n_boot, alpha=alpha, seed=seed)
 
 
 def paired(ref: pd.DataFrame, cond: pd.DataFrame, seed: int = 0) -> dict:
@@ -41,7 +32,7 @@ def paired(ref: pd.DataFrame, cond: pd.DataFrame, seed: int = 0) -> dict:
     n = len(both)
     a, b = both["correct_ref"].astype(bool).to_numpy(), both["correct_cond"].astype(bool).to_numpy()
     mc = mcnemar_paired(b, a)
-    diff, lo, hi = mean_ci(b.astype(float) - a.astype(float), seed)
+    diff, lo, hi = paired_difference(b, a)
     flips = int((both["chosen_ref"].to_numpy() != both["chosen_cond"].to_numpy()).sum())
     f_lo, f_hi = wilson(flips, n)
     dm = (both["margin_cond"] - both["margin_ref"]).to_numpy(dtype=float)
@@ -78,3 +69,20 @@ def correct(table: pd.DataFrame, columns=("p_mcnemar", "p_wilcoxon"), alpha: flo
         if c in table and len(table):
             table[f"{c}_holm"], table[f"{c}_reject"] = holm(table[c].to_numpy(), alpha)
     return table
+
+
+def contrast(rows: pd.DataFrame, model: str, comparator: str, condition: str, ref: str = "clean",
+             seed: int = 0) -> dict:
+    """Difference in differences on the same items: (accuracy change of `model` under `condition`)
+    minus (the comparator's change), with a bootstrap interval over items. With the negative
+    control as comparator this removes what the segment's format alone costs."""
+    def change(m):
+        g = rows[rows["model"] == m]
+        a = g[g["condition"] == ref].set_index("item")["correct"].astype(float)
+        b = g[g["condition"] == condition].set_index("item")["correct"].astype(float)
+        return (b - a).dropna()
+
+    d = pd.concat([change(model), change(comparator)], axis=1, keys=["m", "c"], join="inner")
+    x, lo, hi = mean_ci((d["m"] - d["c"]).to_numpy(), seed)
+    return dict(model=model, comparator=comparator, condition=condition, n=len(d), change=float(d["m"].mean()),
+                comparator_change=float(d["c"].mean()), contrast=x, contrast_low=lo, contrast_high=hi)

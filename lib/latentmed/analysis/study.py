@@ -74,7 +74,7 @@ def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], m
         run = store.run(m, model_hash(folder), params)
         cfg = decode_config(r)
         clean = clean_runs(r, [r.prompt(q) for q in qs], cfg)
-        conds = C.latent_conditions(clean, [q.family for q in qs], r.spec.n_latents, forms, seed)
+        conds = C.latent_conditions(clean, [q.family for q in qs], forms, seed)
         measure(r, qs, conds, run, cfg, clean=clean, progress=progress)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -90,10 +90,32 @@ def norms(root: str | Path, models: list[str], qs: list[Query], device: str = "c
         clean = clean_runs(r, prompts, decode_config(r))
         z = [t.segments[0].z_in for t in clean if t.segments and t.segments[0].z_in is not None]
         zn = torch.cat(z).norm(dim=-1) if z else torch.zeros(0)
-        words = r.model.get_input_embeddings().weight[: len(r.tokenizer)].norm(dim=-1)
         with torch.inference_mode():
+            words = r.model.get_input_embeddings().weight[: len(r.tokenizer)].norm(dim=-1)
             feats, _ = r.image_features(prompts[:32], [[]] * min(32, len(prompts)))
         rows.append(dict(model=m, latent_norm=float(zn.mean()) if len(zn) else np.nan,
                          word_norm=float(words.mean()), image_token_norm=float(feats.norm(dim=-1).mean()),
                          latent_over_word=float(zn.mean() / words.mean()) if len(zn) else np.nan))
     return pd.DataFrame(rows)
+
+
+def verdict(row) -> str:
+    """'changes the answer' when the McNemar test (Holm) rejects, else 'no detectable change'."""
+    p = row.get("p_mcnemar_holm", row["p_mcnemar"])
+    return "changes the answer" if p < 0.05 else "no detectable change"
+
+
+def summary_text(table: pd.DataFrame, rows: pd.DataFrame, conditions=("swap/generate", "noise/generate",
+                                                                       "zero/generate", "markers/generate")) -> str:
+    """Chapter 4's findings, one line per model kind and condition, generated from the effects."""
+    from ..zoo.recipes import KINDS
+    from .report import claim
+
+    lines = []
+    for m in pd.unique(table["model"]):
+        sub = table[table["model"] == m].set_index("condition")
+        parts = [f"*{c.split('/')[0]}*: {claim(sub.loc[c])}, {verdict(sub.loc[c])}" for c in conditions
+                 if c in sub.index]
+        if parts:
+            lines.append(f"* **{m}** ({KINDS.get(m, 'other')}): " + "; ".join(parts) + ".")
+    return "\n".join(lines)

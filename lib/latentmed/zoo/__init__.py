@@ -41,7 +41,7 @@ from .build import (
            train_zoo,
            training_times,
 )
-from .recipes import BASE, BUDGETS, FINE_TUNES, METHODS, SPECS, method_stages, settings
+from .recipes import BASE, BUDGETS, FINE_TUNES, KINDS, METHODS, SPECS, method_stages, settings
 
-__all__ = ["BASE", "BUDGETS", "FINE_TUNES", "METHODS", "SPECS", "ZOO_FILE", "Zoo", "is_trained", "learning_curves",
+__all__ = ["BASE", "BUDGETS", "FINE_TUNES", "KINDS", "METHODS", "SPECS", "ZOO_FILE", "Zoo", "is_trained", "learning_curves",
            "method_stages", "read_info", "settings", "testbed_config", "train_zoo", "training_times"]

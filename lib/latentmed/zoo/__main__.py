@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+from pathlib import Path
 
-# Busy-waiting OpenMP threads make a shared 2-core machine crawl (measured: a tower forward of
-# 32 images took 4.3 s with the default policy next to another job, 0.86 s with PASSIVE).
-# Must be set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from . import __doc__ as ZOO_DOC  # noqa: E402
-from .build import train_zoo  # noqa: E402
-from .evaluate import evaluate_zoo, summarize  # noqa: E402
-from .recipes import BUDGETS, METHODS  # noqa: E402
+from . import __doc__ as ZOO_DOC
+from .build import train_zoo
+from .evaluate import evaluate_zoo, summarize
+from .recipes import BUDGETS, METHODS
 
 
 def main(argv=None) -> None:

@@ -278,7 +278,7 @@ def _start() -> float:
 
 def train_zoo(root: str | Path | None = None, budget: str = "default", methods=None, seed: int = 0,
               force: bool = False, config: TestbedConfig | None = None, progress: bool = True,
-              model_size: str = "testbed"):
+              model_size: str = "testbed", verbose: bool = True):
     """Train the base and the methods (skipping what is trained with the same settings).
 
     Returns a DataFrame: model, seconds (of this run; 0 when skipped), trained_seconds (as
@@ -298,8 +298,10 @@ def train_zoo(root: str | Path | None = None, budget: str = "default", methods=N
         last = info["stages"][-1]
         rows.append(dict(model=n, seconds=round(time.perf_counter() - t0, 1), trained_seconds=info["seconds"],
                          skipped=info.get("skipped", False), best_val=last.get("best_val")))
-        print(f"[zoo] {n}: {'skipped (same settings)' if info.get('skipped') else 'trained'} "
-              f"in {rows[-1]['trained_seconds']:.0f} s, validation accuracy {rows[-1]['best_val']:.3f}")
+        if verbose:
+            done = (f"reused (trained earlier in {info['seconds']:.0f} s with the same settings)" if info.get("skipped")
+                    else f"trained in {info['seconds']:.0f} s")
+            print(f"[zoo] {n}: {done}, validation accuracy {rows[-1]['best_val']:.3f}")
     return pd.DataFrame(rows)
 
 

@@ -35,18 +35,28 @@ SPECS: dict[str, LatentSpec] = {
                               end_rule="force_after_k", latent_source="evidence_tokens", prompt_image="degraded"),
     "negative-control": _spec("negative-control", "mirage", n_latents=4, max_latents=0,
                               end_rule="force_after_k", latent_source="constant"),
+    # the mediating zoo: positions after the segment see only the segment (no route around it)
+    "grounded-closed": _spec("grounded-closed", "mirage", n_latents=4, max_latents=0, end_rule="force_after_k",
+                             after_segment="segment"),
+    "lvr-closed": _spec("lvr-closed", "lvr", pad_token="<|lvr|>", n_latents=4, after_segment="segment"),
 }
+# What each model is, for the study's tables: its answer has a route around the latents ("open"),
+# has none ("closed"), is a control, imagines in text, or has no segment.
+KINDS = {"base": "no segment", "direct": "no segment", "capimagine": "text imagination",
+         "monet-style": "latent, bypass open", "lvr-style": "latent, bypass open",
+         "mirage-style": "latent, bypass open", "positive-control": "control", "negative-control": "control",
+         "grounded-closed": "latent, bypass closed", "lvr-closed": "latent, bypass closed"}
 METHODS = tuple(SPECS)  # base first: every other model starts from it
 FINE_TUNES = METHODS[1:]
 
 # Budgets: steps per stage (batch 16). "default" is the main build, "ci" a quick check.
 BUDGETS = {
     "default": dict(vision=250, base=1500, direct=400, capimagine=1000, monet=(150, 150, 300), lvr=500,
-                    mirage=(200, 300), positive=400, negative=400, pool=1000, pool_pc=400, val=100,
+                    mirage=(200, 300), positive=400, negative=400, closed=1600, pool=1000, pool_pc=400, val=100,
                     eval_every=200, ft_lr=3e-3, direct_lr=1e-3, seg_w=0.1),
     "ci": dict(vision=12, base=30, direct=10, capimagine=12, monet=(6, 6, 8), lvr=10, mirage=(6, 8),
-               positive=10, negative=10, pool=24, pool_pc=24, val=4, eval_every=10, ft_lr=3e-3, direct_lr=1e-3,
-               seg_w=0.1),
+               positive=10, negative=10, closed=10, pool=24, pool_pc=24, val=4, eval_every=10, ft_lr=3e-3,
+               direct_lr=1e-3, seg_w=0.1),
 }
 
 
@@ -106,6 +116,14 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
     if name == "negative-control":
         return [Stage(Plan(spec, n_latents=spec.n_latents, latent_fill="constant", **seg, **grounded),
                       cfg("negative", b["negative"]))]
+    # the slots' attention is supervised onto the evidence cells and the restated key words' onto
+    # the slots; half of the training batches run with the bottleneck (reference measurement six)
+    closed = dict(ground_slots=True, evidence_in="both", bottleneck_frac=0.5, **seg, **grounded)
+    if name == "grounded-closed":
+        return [Stage(Plan(spec, n_latents=spec.n_latents, **closed), cfg("closed", b["closed"]))]
+    if name == "lvr-closed":
+        return [Stage(Plan(spec, n_latents=spec.n_latents, align="lvr_mse", align_weight=1.0, **closed),
+                      cfg("closed", b["closed"]))]
     raise AssertionError(name)
 
 
