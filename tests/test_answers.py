@@ -35,7 +35,8 @@ def test_answer_tag_is_cut_at_the_closing_tag():
     ("B", "B"), ("B.", "B"), ("(C) blue", "C"), ("D) yellow", "D"),
     ("The answer is C.", "C"), ("I think the correct option: B", "B"), ("Answer: D", "D"),
     ("It must be (A) here", "A"), ("so, A. red", "A"), ("well C I guess", "C"),
-    ("none of them", None), ("A or B", "A"), ("between the two, maybe B or D", None),
+    ("none of them", None), ("A or B", None), ("B or C", None), ("(A) or (D)", None),
+    ("between the two, maybe B or D", None),
 ])
 def test_letter_cascade(text, letter):
     assert extract_letter(text) == letter
@@ -57,7 +58,8 @@ def test_content_word_matching():
 @pytest.mark.parametrize("text,fmt,index", [
     ("<latent> so \\boxed{blue}", "boxed", 2), ("\\boxed{C}", "boxed", 2), ("<answer> A </answer>", "answer_tag", 0),
     ("green", "word", 1), ("B", "letter", 1), ("the answer is D", "boxed", 3), ("I cannot tell", "boxed", None),
-    ("", "letter", None),
+    ("", "letter", None), ("\\boxed{A. blue}", "boxed", None), ("\\boxed{C. blue}", "boxed", 2),
+    ("\\boxed{blue}", "boxed", 2),
 ])
 def test_parse_answer_per_format(text, fmt, index):
     p = parse_answer(text, fmt, OPTIONS)

@@ -422,7 +422,7 @@ def test_zoo_evaluation_killed_before_its_key_is_written_is_recomputed(zoo_root,
     shutil.copytree(zoo_root / "base", root / "base")
     ref = V.summarize(V.evaluate_zoo(root, per_family=1))
     (root / "eval-test-forced.json").unlink()
-    (root / "eval-test-forced.csv").write_text("stale,table\n1,2\n")  # an older table without its key
+    (root / "eval-test-forced.jsonl").write_text('{"stale": 1}\n')  # an older table without its key
     with pytest.MonkeyPatch.context() as mp:
         patch_writers(mp, [(V, "atomic_write_json")], kill_at=0)  # the new table is in place, its key is not
         with pytest.raises(Kill):

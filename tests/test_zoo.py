@@ -198,3 +198,12 @@ def test_item_inputs_refuses_chat_models(tmp_path):
     r = LatentReasoner.from_pretrained(make_tiny_checkpoint(tmp_path / "ck"), method="lvr")
     with pytest.raises(ValueError, match="chat template"):
         r.item_inputs(make_item(CFG, "test", "attr", 0))
+
+
+def test_the_evaluation_table_reads_back_equal(trained):
+    root, _ = trained
+    first = evaluate_zoo(root, per_family=2)
+    again = evaluate_zoo(root, per_family=2)  # read back from the stored table
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
+    (root / "eval-test-forced.json").write_text("{damaged")
+    assert len(evaluate_zoo(root, per_family=2)) == len(first)  # a damaged key means: compute again

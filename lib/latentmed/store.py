@@ -45,21 +45,12 @@ class Run:
         return self.meta["key"]
 
     def _repair(self) -> None:
-        """Drop a last line cut by a kill (it has no newline or is not valid JSON)."""
+        """Drop a last line cut by a kill (one without its newline); complete lines are kept and
+        checked when read (`rows`)."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        if not data:
-            return
-        keep = data if data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
-        lines = keep.splitlines(keepends=True)
-        while lines:
-            try:
-                json.loads(lines[-1])
-                break
-            except json.JSONDecodeError:
-                lines.pop()
-        keep = b"".join(lines)
+        keep = data if not data or data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
         if keep != data:
             with open(self.path, "r+b") as f:
                 f.truncate(len(keep))

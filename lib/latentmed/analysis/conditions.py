@@ -24,6 +24,7 @@ image with this question, this image with another item's question, another item 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..engine import interventions as I
@@ -129,10 +130,8 @@ def input_conditions(queries: list, seed: int = 0, names=INPUT) -> list[Conditio
     return [Condition(n, make[n], "generate") for n in names]
 
 
-def describe(names=LATENT) -> "pd.DataFrame":
+def describe(names=LATENT) -> pd.DataFrame:
     """The conditions as a table: name, what it does, the forms it runs in."""
-    import pandas as pd
-
     return pd.DataFrame([dict(condition=n, what=WHAT[n],
                               forms="generate, replay" if n in REPLAYABLE else "generate" if n in LATENT else "input")
                          for n in names])

@@ -62,6 +62,9 @@ def extract_letter(text: str, n_options: int = 4) -> str | None:
     """
     L = f"[{LETTERS[:n_options]}]"
     s = text.strip()
+    lone = set(re.findall(rf"(?:^|[\s(])({L})(?=[\s.):,]|$)", s))
+    if len(lone) > 1:  # "B or C", "(A) or (D)": more than one option letter stands alone
+        return None
     patterns = [
         rf"^\(?({L})\)?(?:[.):\s]|$)",  # leading letter: "B", "B.", "(B) ..."
         rf"(?i:answer|choice|option)(?:\s+is)?\s*[:\s]\s*\(?({L})\b",  # "the answer is B"
@@ -101,17 +104,23 @@ def answer_field(text: str, fmt: str) -> str | None:
 
 
 def parse_answer(text: str, fmt: str, options: list[str] | None = None) -> Parsed:
-    """Option index from a reply: answer field, then content word, then the letter cascade."""
+    """Option index from a reply: the answer field, read as a content word and as a letter; when
+    both readings give an option and they disagree ("A. blue" where blue is C), it is unparsed."""
     field_ = answer_field(text, fmt)
     if field_ is None and fmt in ("boxed", "answer_tag"):
         field_ = text  # fall back to the whole reply, as the official graders do
     n = len(options) if options else 4
-    if options:
-        i = match_option(field_, options)
-        if i is not None:
-            return Parsed(i, field_)
+    word = match_option(field_, options) if options else None
     letter = extract_letter(field_, n)
-    return Parsed(None if letter is None else LETTERS.index(letter), field_)
+    by_letter = None if letter is None else LETTERS.index(letter)
+    if word is not None and by_letter is not None and word != by_letter and not _is_word(field_, options[word]):
+        return Parsed(None, field_)
+    return Parsed(word if word is not None else by_letter, field_)
+
+
+def _is_word(field_: str, option: str) -> bool:
+    """The field is just the option's content word (a one-letter option word is not a letter)."""
+    return field_.strip().lower().rstrip(".") == option.lower()
 
 
 def option_token_ids(tokenizer, options: list[str], leading_space: bool = False) -> list[int]:

@@ -48,6 +48,7 @@ CONFIG_ID_KEYS: dict[str, dict[str, str]] = {
     "monet": {"start_token": "latent_start_id", "end_token": "latent_end_id"},
     "monet-sft": {"start_token": "latent_start_id", "end_token": "latent_end_id",
                   "pad_token": "latent_token_id"},
+    "mirage": {"start_token": "latent_start_id", "end_token": "latent_end_id", "pad_token": "latent_token_id"},
 }
 
 

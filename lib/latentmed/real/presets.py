@@ -28,7 +28,6 @@ writes `<|im_start|>assistant` without the newline the chat template's generatio
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,25 +84,6 @@ def spec_overrides(folder: Path, method: str) -> dict:
     return dict(placement="none", start_token=None, end_token=None, max_segments=None)
 
 
-# Ids a released config.json holds beside the tokenizer, checked here where the engine does not
-# (it checks Monet's and LVR's): Mirage's src/main.py writes them too.
-CONFIG_IDS = {"mirage": {"latent_start_id": "<|latent_start|>", "latent_end_id": "<|latent_end|>",
-                         "latent_token_id": "<|latent_pad|>"}}
-
-
-def check_config_ids(folder: Path, method: str, tokenizer) -> None:
-    """config.json's latent ids must be the tokenizer's ids for the same tokens."""
-    keys = CONFIG_IDS.get(method)
-    if not keys:
-        return
-    cfg = json.loads((folder / "config.json").read_text())
-    vocab = tokenizer.get_vocab()
-    bad = [f"config.json {k}={cfg[k]} but the tokenizer maps {tok} to {vocab.get(tok)}"
-           for k, tok in keys.items() if k in cfg and vocab.get(tok) != cfg[k]]
-    if bad:
-        raise ValueError(f"{folder}: tokenizer/config mismatch: {'; '.join(bad)}")
-
-
 def load_model(folder: str | Path, method: str, benchmark: str, harness: str = "vlmevalkit",
                device: str = "cpu", dtype: torch.dtype | None = None, min_pixels: int | None = None,
                max_pixels: int | None = None) -> LatentReasoner:
@@ -120,7 +100,6 @@ def load_model(folder: str | Path, method: str, benchmark: str, harness: str = "
                                            **spec_overrides(folder, method))
     finally:
         hf_logging.set_verbosity(level)
-    check_config_ids(folder, method, r.tokenizer)
     r.spec = HarnessSpec.of(r.spec, harness, benchmark)
     lo, hi = EVAL_PIXELS[p.pixels] if p.pixels else (None, None)
     configure(r.processor, min_pixels if min_pixels is not None else lo,

@@ -25,10 +25,17 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--evaluate", action="store_true", help="then evaluate every model on the test split")
     a = p.parse_args(argv)
+    try:
+        run(a)
+    except (ValueError, OSError) as exc:  # bad input: the message names the file or argument
+        p.exit(1, f"{p.prog}: error: {exc}\n")
+
+
+def run(a) -> None:
     df = train_zoo(a.models_dir, a.budget, a.methods, a.seed, a.force, progress=not a.no_progress)
     print(df.to_string(index=False))
     if a.evaluate:
-        summary = summarize(evaluate_zoo(a.models_dir, budget=a.budget))
+        summary = summarize(evaluate_zoo(a.models_dir))
         cols = ["model", "family", "n", "accuracy", "ci_low", "ci_high", "trigger_rate", "k_mean", "nonfinite"]
         print(summary[cols].round(3).to_string(index=False))
 

@@ -284,6 +284,10 @@ def train_zoo(root: str | Path | None = None, budget: str = "default", methods=N
     Returns a DataFrame: model, seconds (of this run; 0 when skipped), trained_seconds (as
     recorded when it was trained), skipped, best validation accuracy.
     """
+    if isinstance(methods, str):
+        raise TypeError(f"methods must be a list of method names, got the string {methods!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     zoo = Zoo(Path(root) if root else None, budget, seed, config, progress, model_size)
     names = list(methods) if methods else list(METHODS)
     for n in names:

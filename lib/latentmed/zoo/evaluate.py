@@ -18,7 +18,6 @@ from the free text is kept beside it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from ..analysis.stats import accuracy_table, paired_comparisons
 from ..engine.decode import DecodeConfig
 from ..engine.reasoner import LatentReasoner
-from ..files import atomic_write_json, set_threads
+from ..files import atomic_write_json, atomic_write_text, read_json, set_threads
 from ..testbed.items import TestbedConfig, make_item
 from .build import ZOO_FILE, read_info, testbed_config
 from .recipes import METHODS
@@ -121,8 +120,8 @@ def evaluate_zoo(root: str | Path | None = None, methods=None, split: str = "tes
                  protocol: str = "forced", save: bool = True, progress: bool = False) -> pd.DataFrame:
     """Evaluate every trained model of a zoo folder; returns all per-item records.
 
-    Records are written to `<zoo>/eval-<split>-<protocol>.csv` (reused when every model is
-    unchanged: the key holds each model's settings and weights hashes).
+    Records are written to `<zoo>/eval-<split>-<protocol>.jsonl` (reused when every model is
+    unchanged: the key holds each model's settings and weights hashes; a damaged key is stale).
     """
     from ..paths import models_dir
 
@@ -135,22 +134,24 @@ def evaluate_zoo(root: str | Path | None = None, methods=None, split: str = "tes
     infos = {m: read_info(root / m) for m in names}
     key = {m: [i["hash"], i.get("weights_hash")] for m, i in infos.items()}
     key.update(per_family=per_family, split=split, protocol=protocol)
-    out_csv, key_file = root / f"eval-{split}-{protocol}.csv", root / f"eval-{split}-{protocol}.json"
-    if out_csv.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
-        return pd.read_csv(out_csv, converters={"logprobs": _list})
+    out, key_file = root / f"eval-{split}-{protocol}.jsonl", root / f"eval-{split}-{protocol}.json"
+    if out.exists() and _key(key_file) == key:
+        return pd.read_json(out, orient="records", lines=True, dtype=False)
     items = test_items(config, split, per_family)
     recs = pd.concat([evaluate_model(root / m, items, protocol, progress=progress) for m in names],
                      ignore_index=True)
     if save:
-        tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-        recs.assign(logprobs=recs["logprobs"].map(json.dumps)).to_csv(tmp, index=False)
-        tmp.replace(out_csv)
+        atomic_write_text(out, recs.to_json(orient="records", lines=True))
         atomic_write_json(key_file, key)
     return recs
 
 
-def _list(s: str):
-    return None if s in ("", "null") else json.loads(s)
+def _key(path: Path):
+    """The stored key of an evaluation table, or None when missing or damaged (then it is redone)."""
+    try:
+        return read_json(path, "evaluation key")
+    except (OSError, ValueError):
+        return None
 
 
 def headline_tests(records: pd.DataFrame, reference: str = "capimagine", others=None) -> pd.DataFrame:

@@ -96,7 +96,9 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
     ks = torch.full((len(idx),), cap, dtype=torch.long)
     done = torch.zeros(len(idx), dtype=torch.bool)
     for k in range(cap):
-        stop = (model.lm_head(h[:, 0]).argmax(-1) == end_id) & ~done & may_end
+        # the engine's rule: a model-decided end may come before any latent; otherwise after one
+        can_end = may_end and (k > 0 or spec.end_rule == "model_or_cap")
+        stop = (model.lm_head(h[:, 0]).argmax(-1) == end_id) & ~done & can_end
         ks[stop] = k
         done |= stop
         if done.all():

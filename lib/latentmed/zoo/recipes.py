@@ -117,8 +117,8 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
         return [Stage(Plan(spec, n_latents=spec.n_latents, latent_fill="constant", **seg, **grounded),
                       cfg("negative", b["negative"]))]
     # the slots' attention is supervised onto the evidence cells and the restated key words' onto
-    # the slots; half of the training batches run with the bottleneck (reference measurement six)
-    closed = dict(ground_slots=True, evidence_in="both", bottleneck_frac=0.5, **seg, **grounded)
+    # the slots; every training batch runs with the bottleneck, as the spec runs at inference
+    closed = dict(ground_slots=True, evidence_in="both", **seg, **grounded)
     if name == "grounded-closed":
         return [Stage(Plan(spec, n_latents=spec.n_latents, **closed), cfg("closed", b["closed"]))]
     if name == "lvr-closed":
