@@ -1,0 +1,680 @@
+"""Chapter 7: is CapImagine's text imagination a mediator of the answer?
+
+The paper's protocol (arXiv 2602.22766, CapImagine): cut the answer, rewrite the imagined text so
+that it leads to a wrong conclusion, and continue generation from the edited trace. On the
+testbed the rewrite is exact: in the span the model actually generated, the word that states the
+answer (the item's `caption_answer_word`) is replaced by another option's word
+(`CorruptWord(old, new)`); on real checkpoints a local language model rewrites the span
+(`LMRewriter`). Both are `Rewriter`s, so chapter 8 can plug either in.
+
+Every condition is a `continue_from` of the clean trace (cut after the span, refill it, decode
+on with the forced protocol: the question's key words are written again after the span and the
+answer is scored over the option tokens), fixed before any result is computed:
+
+    refill           the span as generated (no edit): the reference of every other condition
+    rewrite          the answer word of the generated span replaced by a wrong option's word
+                     (only where the span holds the answer word; other items are recorded as
+                     not applicable, with the reason)
+    delete           the span emptied (the markers stay)
+    shuffle          the span's tokens in a seeded order that moves every token
+    swap             another item's generated span (same family, a seeded derangement)
+    caption          the item's ground-truth caption (the imagination the model was trained to write)
+    caption_rewrite  that caption with the answer word replaced by the same wrong word as in
+                     `rewrite`: defined on every item, including those whose span lacks the word
+
+Rows go to the results store in chapter 4's format (`measure.outcome`: chosen, correct, logprobs,
+margin, ...), one per (item, condition), plus the span before and after the edit, the planted
+word, whether the answer followed it, and whether the edit was applied (`applied`, `status`).
+A killed run resumes where it stopped. Analysis: `span_table`, `instrument_check`,
+`text_effects`, `latent_rows` (chapter 4's rows of the same items), `comparison`,
+`side_by_side`, `contrasts`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..engine import interventions as I
+from ..engine.decode import DecodeConfig
+from ..engine.query import Query
+from ..store import ResultsStore, Run
+from .conditions import donors
+from .effects import mean_ci, paired
+from .measure import outcome
+from .stats import ALPHA, holm, mcnemar_paired, paired_difference, wilson
+
+FORM = "continue"
+CONDITIONS = ("refill", "rewrite", "delete", "shuffle", "swap", "caption", "caption_rewrite")
+REFERENCE = f"refill/{FORM}"
+WHAT = {
+    "refill": "the span as generated, cut and refilled, generation continued (the reference)",
+    "rewrite": "the generated span's answer word replaced by a wrong option's word (CorruptWord)",
+    "delete": "the span emptied, the markers kept (DeleteSpan)",
+    "shuffle": "the span's own tokens in a seeded order that moves every token (ShuffleSpan)",
+    "swap": "another item's generated span, same family, seeded derangement (ReplaceSpan)",
+    "caption": "the item's ground-truth caption (ReplaceSpan)",
+    "caption_rewrite": "the ground-truth caption with the answer word replaced by the planted wrong word (ReplaceSpan)",
+}
+# Chapter 4's latent conditions matched to the text conditions (decoded with the edit: "generate").
+MATCHES = (
+    ("another item's content", "swap", "swap"),
+    ("content removed, markers kept", "delete", "markers"),
+    ("own content shuffled", "shuffle", "shuffle"),
+    ("content zeroed", None, "zero"),
+    ("content replaced by noise", None, "noise"),
+    ("wrong conclusion written", "rewrite", None),
+)
+LATENT_FORM = "generate"
+CH4_FORMS = ("generate", "replay")  # the forms chapter 4 runs (part of its store key)
+NOT_APPLIED = "not applied"
+
+
+def key(name: str) -> str:
+    """A text condition's name in the store."""
+    return name if name == "clean" else f"{name}/{FORM}"
+
+
+def describe(names=CONDITIONS) -> pd.DataFrame:
+    """The chapter's text conditions as a table."""
+    return pd.DataFrame([dict(condition=n, what=WHAT[n]) for n in names])
+
+
+# ---- reading and editing words in a span ------------------------------------------------------------
+
+def word_spans(text: str, word: str) -> list[tuple[int, int]]:
+    """Character ranges of `word` in `text` as a whole word (not inside another word)."""
+    return [m.span() for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text)]
+
+
+def span_ids(trace) -> list[int]:
+    """The token ids of the trace's imagination span (empty without one)."""
+    seg = next((s for s in trace.segments if s.kind == "text"), None)
+    return [] if seg is None else [trace.ids[p] for p in seg.slots]
+
+
+def span_end(trace) -> str:
+    """How the imagination span ended: 'model' (its end marker), 'cap', 'eos', ... ('' without one)."""
+    seg = next((s for s in trace.segments if s.kind == "text"), None)
+    return "" if seg is None else seg.ended
+
+
+def content(text: str, options: list[str], answer_word: str) -> str:
+    """What the span states: 'answer word', "another option's word" or 'no option word'."""
+    if word_spans(text, answer_word):
+        return "answer word"
+    if any(word_spans(text, o) for o in options if o != answer_word):
+        return "another option's word"
+    return "no option word"
+
+
+def _offsets(tokenizer, ids: list[int]) -> list[int] | None:
+    """Character offset of every token boundary in decode(ids), or None when decoding prefixes
+    does not give a consistent split (multi-byte characters cut between tokens)."""
+    full = tokenizer.decode(ids)
+    offs = [len(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1)]
+    ok = offs[-1] == len(full) and all(a <= b for a, b in zip(offs, offs[1:])) and all(
+        full.startswith(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1))
+    return offs if ok else None
+
+
+def replace_word(tokenizer, ids: list[int], old: str, new: str) -> tuple[list[int] | None, str]:
+    """Token surgery: every whole-word occurrence of `old` replaced by `new`, every other token
+    kept as it is. Returns (new ids, "ok") or (None, why not)."""
+    text = tokenizer.decode(ids)
+    hits = word_spans(text, old)
+    if not hits:
+        return None, f"the span does not hold the word {old!r}"
+    offs = _offsets(tokenizer, ids)
+    if offs is None:
+        return None, "the span's tokens do not decode to separable characters"
+    out = list(ids)
+    for s, e in reversed(hits):
+        i = max(j for j in range(len(ids)) if offs[j] <= s)  # token holding the word's first char
+        j = min(j for j in range(1, len(ids) + 1) if offs[j] >= e)  # boundary after its last char
+        lead = text[offs[i]:s]
+        if offs[j] != e or lead.strip():
+            return None, f"the word {old!r} shares a token with its neighbours"
+        out[i:j] = tokenizer.encode(lead + new, add_special_tokens=False)
+    return out, "ok"
+
+
+def planted_word(options: list[str], answer_word: str, seed: int, index: int) -> str:
+    """The wrong option written into the span for item `index` (seeded; never the answer)."""
+    wrong = [o for o in options if o != answer_word]
+    if not wrong:
+        raise ValueError(f"options {options!r}: no wrong option to plant")
+    return wrong[int(np.random.default_rng([seed, index]).integers(len(wrong)))]
+
+
+# ---- rewriters -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RewriteRequest:
+    """What a rewriter is given: the span (ids and text), the question and options, the word that
+    states the answer now, and the wrong option the rewritten span must lead to."""
+
+    span_ids: list[int]
+    span_text: str
+    question: str
+    options: list[str]
+    answer_word: str
+    target_word: str
+    item: str | None = None
+
+
+@dataclass
+class Rewrite:
+    """A rewriter's answer: the span edits for `continue_from` (empty when not applied), whether it
+    applies ("ok", else the reason), the span text it leads to, and how it was made."""
+
+    edits: list = field(default_factory=list)
+    status: str = "ok"
+    text: str | None = None
+    how: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "ok" and bool(self.edits)
+
+
+@runtime_checkable
+class Rewriter(Protocol):
+    """Rewrites an imagination span so that it leads to `request.target_word`."""
+
+    name: str
+
+    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite: ...
+
+
+class ExactWordRewriter:
+    """The testbed's exact rewrite: the answer word replaced by the target word, nothing else.
+
+    The edit is `CorruptWord(old, new)` whenever that intervention (decode, replace, re-encode)
+    gives exactly the token surgery of `replace_word`; where re-encoding would also change other
+    tokens (a span written in non-canonical pieces), the surgery's ids are applied as
+    `ReplaceSpan(ids=...)` and the row says so (`how`)."""
+
+    name = "exact-word"
+
+    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite:
+        said = content(request.span_text, request.options, request.answer_word)
+        if said != "answer word":
+            return Rewrite([], f"the span does not hold the answer word (it states {said})", None, "")
+        ids, status = replace_word(tokenizer, list(request.span_ids), request.answer_word, request.target_word)
+        if ids is None:
+            return Rewrite([], status, None, "")
+        cw = I.CorruptWord(old=request.answer_word, new=request.target_word)
+        try:
+            same = cw.edit_span(list(request.span_ids), tokenizer) == ids
+        except ValueError:
+            same = False
+        edit, how = (cw, "CorruptWord") if same else (I.ReplaceSpan(ids=ids), "ReplaceSpan (token surgery)")
+        return Rewrite([edit], "ok", tokenizer.decode(ids), how)
+
+
+PROMPT = ("Rewrite the description so that it leads to the answer \"{target}\" instead of \"{answer}\". "
+          "Change as little as possible and keep its form.\n"
+          "Question: {question}\nOptions: {options}\nDescription: {span}\nRewritten description:")
+
+
+class LMRewriter:
+    """A local language model rewrites the span (the paper used a 32B LLM): greedy decoding of
+    `PROMPT` (through the tokenizer's chat template when it has one), the first line of the reply
+    becomes the new span (`ReplaceSpan(text=...)`). A reply that does not state the target word,
+    or still states the answer word, is reported (status) and not applied.
+
+    `model` is any Hugging Face causal or image-text model with `generate` (a `LatentReasoner`'s
+    `.model` works: the engine's checkpoints load it); `from_pretrained` loads a local folder
+    (safetensors only, nothing downloaded)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 64, prompt: str = PROMPT, name: str | None = None):
+        self.model, self.tokenizer, self.max_new_tokens, self.prompt = model, tokenizer, max_new_tokens, prompt
+        self.name = name or f"lm:{getattr(getattr(model, 'config', None), 'name_or_path', '') or type(model).__name__}"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype=None, **kw) -> "LMRewriter":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such model folder for the rewriter")
+        if not list(path.glob("*.safetensors")):
+            raise ValueError(f"{path}: no .safetensors weights (the rewriter loads safetensors only)")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                         torch_dtype=dtype or torch.float32).to(device).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot load the rewriter ({type(exc).__name__}: {exc})") from exc
+        return cls(model, tok, name=kw.pop("name", f"lm:{path.name}"), **kw)
+
+    def _input_ids(self, text: str) -> torch.Tensor:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_tensors="pt")
+            return ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids["input_ids"])
+        return torch.tensor([tok.encode(text, add_special_tokens=False)])
+
+    def reply(self, request: RewriteRequest) -> str:
+        """The model's rewritten span for `request` (first line of its greedy reply)."""
+        text = self.prompt.format(target=request.target_word, answer=request.answer_word, question=request.question,
+                                  options=", ".join(request.options), span=request.span_text.strip())
+        ids = self._input_ids(text).to(self.model.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return reply.strip().split("\n")[0].strip()
+
+    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite:
+        new = self.reply(request)
+        lead = " " if request.span_text.startswith(" ") else ""
+        if not word_spans(new, request.target_word):
+            return Rewrite([], f"the rewriter's reply does not state {request.target_word!r}", new, self.name)
+        if word_spans(new, request.answer_word):
+            return Rewrite([], f"the rewriter's reply still states {request.answer_word!r}", new, self.name)
+        return Rewrite([I.ReplaceSpan(text=lead + new)], "ok", lead + new, self.name)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------
+
+def _answer_word(item) -> str:
+    return getattr(item, "caption_answer_word", None) or item.answer_word
+
+
+def _caption(item) -> str | None:
+    return getattr(item, "caption", None)
+
+
+def _plan(name: str, n: int, item, clean, spans, don, seed: int, rewriter: Rewriter, tokenizer):
+    """The edits of condition `name` for item n: (edits, status, how, planted word)."""
+    opts, ans = item.options, _answer_word(item)
+    planted = planted_word(opts, ans, seed, n) if name in ("rewrite", "caption_rewrite") else None
+    if name == "refill":
+        return [], "ok", "no edit", None
+    if name == "delete":
+        return [I.DeleteSpan()], "ok", "DeleteSpan", None
+    if name == "shuffle":
+        if len(spans[n]) < 2:
+            return [], f"{NOT_APPLIED}: a span of {len(spans[n])} token(s) cannot be shuffled", "", None
+        return [I.ShuffleSpan(seed=seed + n)], "ok", "ShuffleSpan", None
+    if name == "swap":
+        if don[n] == n:
+            return [], f"{NOT_APPLIED}: no other item of family {item.family!r} to take a span from", "", None
+        return [I.ReplaceSpan(ids=list(spans[don[n]]))], "ok", "ReplaceSpan (another item's span)", None
+    if name in ("caption", "caption_rewrite"):
+        cap = _caption(item)
+        if not cap:
+            return [], f"{NOT_APPLIED}: the item has no ground-truth caption", "", planted
+        if name == "caption_rewrite":
+            if not word_spans(cap, ans):
+                return [], f"{NOT_APPLIED}: the caption does not hold {ans!r}", "", planted
+            cap = re.sub(rf"(?<![A-Za-z0-9]){re.escape(ans)}(?![A-Za-z0-9])", planted, cap)
+        return [I.ReplaceSpan(text=" " + cap)], "ok", "ReplaceSpan (caption)", planted
+    if name == "rewrite":
+        text = tokenizer.decode(spans[n])
+        req = RewriteRequest(list(spans[n]), text, item.question, list(opts), ans, planted, item.id)
+        rw = rewriter.rewrite(req, tokenizer)
+        if not rw.applied:
+            return [], f"{NOT_APPLIED}: {rw.status}", rw.how, planted
+        return rw.edits, "ok", rw.how, planted
+    raise ValueError(f"unknown text condition {name!r}; known: {', '.join(CONDITIONS)}")
+
+
+def _empty_outcome() -> dict:
+    return dict(chosen=None, correct=None, logprobs=None, margin=None, k=None, triggered=None, unparsed=None,
+                nonfinite=None)
+
+
+def clean_traces(reasoner, queries: list, config: DecodeConfig, batch_size: int = 16) -> list:
+    """The clean forced-protocol trace of every query (fixed batches: the same every time)."""
+    out = []
+    for s in range(0, len(queries), batch_size):
+        out += reasoner.generate([reasoner.prompt(q) for q in queries[s:s + batch_size]], config=config)
+    return out
+
+
+def run_text_study(reasoner, items: list, run: Run, config: DecodeConfig | None = None,
+                   rewriter: Rewriter | None = None, seed: int = 0, conditions=CONDITIONS, clean: list | None = None,
+                   chunk: int = 32, batch_size: int = 16, progress: bool = False) -> pd.DataFrame:
+    """Every missing (item, condition) of `run` for a text-imagination reasoner; returns the run's rows.
+
+    `items` are testbed items (or objects with id, family, question, options, answer_word and
+    optionally caption / caption_answer_word) that `Query.of` turns into prompts. `clean` may give
+    the clean traces (else they are decoded with `config`, the forced protocol by default). Rows
+    are appended `chunk` at a time, so a killed run loses at most one chunk and resumes."""
+    from ..zoo.evaluate import decode_config
+
+    if reasoner.spec.placement != "text":
+        raise ValueError(f"method {reasoner.spec.method!r} has no text imagination (placement "
+                         f"{reasoner.spec.placement!r}); chapter 4 intervenes on latents")
+    rewriter = rewriter if rewriter is not None else ExactWordRewriter()
+    if not isinstance(rewriter, Rewriter):
+        raise TypeError(f"rewriter {type(rewriter).__name__} has no name or rewrite(request, tokenizer)")
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad:
+        raise ValueError(f"unknown text condition(s) {bad}; known: {', '.join(CONDITIONS)}")
+    queries = [Query.of(it) for it in items]
+    ids = [q.id for q in queries]
+    if any(i is None for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError("every item needs its own id (rows are keyed by item)")
+    wanted = [(i, "clean") for i in ids] + [(i, key(c)) for c in conditions for i in ids]
+    if not run.missing(wanted) and clean is None:
+        return run.frame()
+    cfg = config or decode_config(reasoner, "forced")
+    clean = clean if clean is not None else clean_traces(reasoner, queries, cfg, batch_size)
+    tok = reasoner.tokenizer
+    spans = [span_ids(t) for t in clean]
+    _check_stored_clean(run, ids, spans)
+    don = donors([q.family for q in queries], seed)
+    base = [dict(item=q.id, family=q.family, answer_word=_answer_word(it)) for q, it in zip(queries, items)]
+    answers = [q.answer for q in queries]
+
+    def span_fields(sp: list[int], n: int) -> dict:
+        text = tok.decode(sp)
+        return dict(span=text, span_ids=list(sp), content=content(text, items[n].options, _answer_word(items[n])))
+
+    if run.missing([(i, "clean") for i in ids]):
+        run.add([{**b, "condition": "clean", "form": "generate", "interventions": [], "applied": True, "status": "ok",
+                  "how": "generated", "span_end": span_end(t), "planted": None, "followed": None,
+                  **span_fields(spans[n], n), **outcome(answers[n], t)}
+                 for n, (b, t) in enumerate(zip(base, clean))])
+    todo = [(c, [n for n, i in enumerate(ids) if run.missing([(i, key(c))])]) for c in conditions]
+    bar = tqdm(total=sum(len(t) for _, t in todo), desc=f"{reasoner.spec.method}: text conditions",
+               disable=not progress, leave=False)
+    for name, ns in todo:
+        for s in range(0, len(ns), chunk):
+            rows = []
+            for n in ns[s:s + chunk]:
+                edits, status, how, planted = _plan(name, n, items[n], clean, spans, don, seed, rewriter, tok)
+                applied = status == "ok"
+                pl = None if planted is None else items[n].options.index(planted)
+                row = {**base[n], "condition": key(name), "form": FORM, "interventions": [e.to_dict() for e in edits],
+                       "applied": applied, "status": status, "how": how, "planted_word": planted, "planted": pl}
+                if applied:
+                    t = reasoner.continue_from(clean[n], edits=edits, config=cfg)
+                    o = outcome(answers[n], t)
+                    row.update(span_end=span_end(t), **span_fields(span_ids(t), n), **o,
+                               followed=None if pl is None or o["chosen"] is None else bool(o["chosen"] == pl))
+                else:
+                    row.update(span_end=None, span=None, span_ids=None, content=None, **_empty_outcome(),
+                               followed=None)
+                rows.append(row)
+                bar.update()
+            run.add(rows)
+    bar.close()
+    return run.frame()
+
+
+def _check_stored_clean(run: Run, ids: list[str], spans: list[list[int]]) -> None:
+    """A resumed run must continue the same clean traces it started from."""
+    stored = {r["item"]: r.get("span_ids") for r in run.rows() if r["condition"] == "clean"}
+    diff = [i for i, sp in zip(ids, spans) if i in stored and stored[i] is not None and stored[i] != list(sp)]
+    if diff:
+        raise ValueError(f"{run.folder}: the stored clean spans of {len(diff)} item(s) (e.g. {diff[0]}) differ from "
+                         "the ones decoded now; the run was made under other settings (remove the run folder)")
+
+
+def run_capimagine(root: str | Path, store_dir: str | Path, items: list, model: str = "capimagine", seed: int = 0,
+                   device: str = "cpu", rewriter: Rewriter | None = None, progress: bool = False) -> pd.DataFrame:
+    """Chapter 7's text conditions on a zoo model, rows in the store (params with chapter=7)."""
+    from ..engine.reasoner import LatentReasoner
+    from .study import model_hash
+
+    folder = Path(root) / model
+    rewriter = rewriter if rewriter is not None else ExactWordRewriter()
+    params = dict(chapter=7, items=[it.id for it in items], seed=seed, protocol="forced", rewriter=rewriter.name,
+                  conditions=list(CONDITIONS))
+    run = ResultsStore(store_dir).run(model, model_hash(folder), params)
+    wanted = [(it.id, "clean") for it in items] + [(it.id, key(c)) for c in CONDITIONS for it in items]
+    if not run.missing(wanted):
+        return run.frame()
+    r = LatentReasoner.from_pretrained(folder, device=device)
+    return run_text_study(r, items, run, rewriter=rewriter, seed=seed, progress=progress)
+
+
+# ---- chapter 4's rows of the same items ---------------------------------------------------------------
+
+def latent_rows(root: str | Path, store_dir: str | Path, queries: list, models: list[str], seed: int = 0,
+                device: str = "cpu", progress: bool = False) -> pd.DataFrame:
+    """Chapter 4's rows of `models` on these queries: read from the store when chapter 4 stored
+    them with the same items and seed, else run through `study.run_latent_study` (which stores
+    them for chapter 4 too)."""
+    from . import conditions as C
+    from .study import model_hash, run_latent_study
+
+    store = ResultsStore(store_dir)
+    frames = []
+    for m in models:
+        params = dict(chapter=4, items=[q.id for q in queries], seed=seed, forms=list(CH4_FORMS))
+        run = store.run(m, model_hash(Path(root) / m), params)
+        wanted = [(q.id, "clean") for q in queries] + [(q.id, f"{c}/{f}") for c in C.LATENT for f in CH4_FORMS
+                                                       if f == "generate" or c in C.REPLAYABLE for q in queries]
+        if run.missing(wanted):
+            frames.append(run_latent_study(root, store_dir, queries, [m], CH4_FORMS, seed, device, progress))
+        else:
+            frames.append(run.frame())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---- analysis -----------------------------------------------------------------------------------------
+
+def applied(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose edit was applied (non-applied rows carry no outcome)."""
+    return rows[rows["applied"].astype(bool)] if "applied" in rows else rows
+
+
+def span_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per family (and all): what the generated spans state, how they ended, and on how many items
+    each rewrite applies (the others are named with their reason in `not_applied`)."""
+    clean = rows[rows["condition"] == "clean"]
+    out = []
+    for fam, g in list(clean.groupby("family", sort=False)) + [("all", clean)]:
+        items = set(g["item"])
+        n = len(g)
+        cnt = g["content"].value_counts()
+        rw = rows[(rows["condition"] == key("rewrite")) & rows["item"].isin(items)]
+        cr = rows[(rows["condition"] == key("caption_rewrite")) & rows["item"].isin(items)]
+        out.append({"family": fam, "n": n,
+                    "span holds the answer word": int(cnt.get("answer word", 0)),
+                    "another option's word": int(cnt.get("another option's word", 0)),
+                    "no option word": int(cnt.get("no option word", 0)),
+                    "closed by its marker": int((g["span_end"] == "model").sum()),
+                    "clean answer scored": int(g["chosen"].notna().sum()),
+                    "rewrite applied": int(rw["applied"].astype(bool).sum()),
+                    "rewrite not applied": int((~rw["applied"].astype(bool)).sum()),
+                    "caption_rewrite applied": int(cr["applied"].astype(bool).sum())})
+    return pd.DataFrame(out)
+
+
+def not_applied(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every (condition, reason) for which an edit was not applied, with its count."""
+    na = rows[~rows["applied"].astype(bool)] if "applied" in rows else rows.iloc[:0]
+    if na.empty:
+        return pd.DataFrame(columns=["condition", "status", "items"])
+    return na.groupby(["condition", "status"], sort=False).size().rename("items").reset_index()
+
+
+def instrument_check(rows: pd.DataFrame) -> pd.DataFrame:
+    """The clean (generated) run against the refilled continuation, item for item: on items whose
+    span closed by its marker they must be the same run; items whose span ended otherwise (end of
+    text, no answer in the clean run) are counted apart."""
+    c = rows[rows["condition"] == "clean"]
+    r = rows[rows["condition"] == REFERENCE]
+    both = c.merge(r, on="item", suffixes=("_clean", "_refill"), how="inner")
+    out = []
+    for what, g in (("span closed by its marker (or the cap)", both[both["span_end_clean"].isin(["model", "cap"])]),
+                    ("span ended otherwise (clean run unanswered)", both[~both["span_end_clean"].isin(["model", "cap"])])):
+        lp = [np.max(np.abs(np.subtract(a, b))) for a, b in zip(g["logprobs_clean"], g["logprobs_refill"])
+              if a is not None and b is not None]
+        out.append({"items": what, "n": len(g),
+                    "same answer": int((g["chosen_clean"].astype("Int64") == g["chosen_refill"].astype("Int64"))
+                                       .fillna(False).sum()),
+                    "clean answered": int(g["chosen_clean"].notna().sum()),
+                    "max |log-prob difference|": float(max(lp)) if lp else np.nan})
+    return pd.DataFrame(out)
+
+
+def _follow(ref: pd.DataFrame, cond: pd.DataFrame) -> dict:
+    """Share of answers that follow the planted word under the edit, against the share that chose
+    the same (wrong) option in the reference, on the same items (McNemar)."""
+    both = ref[["item", "chosen"]].merge(cond[["item", "chosen", "planted"]], on="item", suffixes=("_ref", "_cond"))
+    pl = both["planted"].to_numpy()
+    a = (both["chosen_cond"].to_numpy() == pl)
+    b = (both["chosen_ref"].to_numpy() == pl)
+    n, k = len(both), int(a.sum())
+    lo, hi = wilson(k, n)
+    d, dlo, dhi = paired_difference(a, b)
+    return dict(follow=k / n if n else np.nan, follow_low=lo, follow_high=hi,
+                follow_ref=float(b.mean()) if n else np.nan, follow_diff=d, follow_diff_low=dlo,
+                follow_diff_high=dhi, p_follow=mcnemar_paired(a, b)["p_value"] if n else np.nan)
+
+
+def text_effects(rows: pd.DataFrame, model: str = "capimagine", ref: str = REFERENCE, seed: int = 0) -> pd.DataFrame:
+    """Every text condition against the refilled reference on the items where it applied:
+    `effects.paired` (accuracy change with Newcombe's interval and McNemar, flip rate, margin change
+    with a bootstrap interval and Wilcoxon) plus, for the rewrites, the share of answers that
+    follow the planted word."""
+    ok = applied(rows)
+    base = ok[ok["condition"] == ref]
+    out = []
+    for c in [key(n) for n in CONDITIONS if key(n) != ref]:
+        cond = ok[ok["condition"] == c]
+        if cond.empty:
+            continue
+        row = dict(model=model, condition=c, **paired(base, cond, seed))
+        if cond["planted"].notna().any():
+            row.update(_follow(base, cond))
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def comparison(text_table: pd.DataFrame, latent_table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """The chapter's family: capimagine's text conditions (against the refill) and the matched
+    latent conditions of every latent model (against its clean run). Holm over the family: all
+    McNemar tests (accuracy, and following the planted word) together, the Wilcoxon tests apart."""
+    lat = {c for _, _, c in MATCHES if c}
+    lt = latent_table[latent_table["condition"].isin([f"{c}/{LATENT_FORM}" for c in lat])]
+    table = pd.concat([text_table, lt], ignore_index=True)
+    table["edit"] = [edit_class(c) for c in table["condition"]]
+    pm = list(table["p_mcnemar"])
+    pf = list(table["p_follow"]) if "p_follow" in table else [np.nan] * len(table)
+    fam = [p for p in pm] + [p for p in pf if pd.notna(p)]
+    adj, _ = holm(fam, alpha)
+    table["p_mcnemar_holm"] = adj[:len(pm)]
+    it = iter(adj[len(pm):])
+    table["p_follow_holm"] = [next(it) if pd.notna(p) else np.nan for p in pf]
+    table["p_wilcoxon_holm"], _ = holm(table["p_wilcoxon"].fillna(1.0), alpha)
+    return table
+
+
+def edit_class(condition: str) -> str | None:
+    """The edit class of a text or latent condition (`MATCHES`), None for the others."""
+    name, _, form = condition.partition("/")
+    for what, text, lat in MATCHES:
+        if (form == FORM and name == text) or (form == LATENT_FORM and name == lat):
+            return what
+    return None
+
+
+def side_by_side(table: pd.DataFrame, value: str = "diff") -> pd.DataFrame:
+    """Models (with their kind) by edit class: `value` with its interval ("diff": accuracy change,
+    "flip_rate", "margin_change"), Holm-corrected McNemar p in brackets."""
+    from .report import ci, kind, p
+
+    bounds = {"diff": ("diff_low", "diff_high", True), "flip_rate": ("flip_low", "flip_high", False),
+              "margin_change": ("margin_low", "margin_high", True)}[value]
+    t = table[table["edit"].notna()].copy()
+    t["kind"] = t["model"].map(kind)
+    t["cell"] = [f"{ci(x, lo, hi, signed=bounds[2])} (p {p(q)})" for x, lo, hi, q in
+                 zip(t[value], t[bounds[0]], t[bounds[1]], t["p_mcnemar_holm"])]
+    kinds = ["text imagination", "latent, bypass open", "latent, bypass closed", "control"]
+    t["rank"] = [kinds.index(k) if k in kinds else len(kinds) for k in t["kind"]]
+    order = [w for w, _, _ in MATCHES if w in set(t["edit"])]
+    wide = t.pivot_table(index=["rank", "kind", "model"], columns="edit", values="cell", aggfunc="first")
+    return wide.reindex(columns=order).fillna("n/a").droplevel("rank")
+
+
+def contrasts(text_rows: pd.DataFrame, latent: pd.DataFrame, models: list[str], model: str = "capimagine",
+              seed: int = 0) -> pd.DataFrame:
+    """For each matched edit class: capimagine's accuracy change minus a latent model's, on the same
+    items (difference in differences, 95% bootstrap interval over items)."""
+    def change(rows, m, ref, cond):
+        g = applied(rows[rows["model"] == m]) if "model" in rows else applied(rows)
+        a = g[g["condition"] == ref].set_index("item")["correct"].astype(float)
+        b = g[g["condition"] == cond].set_index("item")["correct"].astype(float)
+        return (b - a).dropna()
+
+    out = []
+    for what, text, lat in MATCHES:
+        if not text or not lat:
+            continue
+        tc = change(text_rows.assign(model=model), model, REFERENCE, key(text))
+        for m in models:
+            lc = change(latent, m, "clean", f"{lat}/{LATENT_FORM}")
+            d = pd.concat([tc, lc], axis=1, keys=["t", "l"], join="inner")
+            if d.empty:
+                continue
+            x, lo, hi = mean_ci((d["t"] - d["l"]).to_numpy(), seed)
+            out.append(dict(edit=what, model=m, n=len(d), text_change=float(d["t"].mean()),
+                            latent_change=float(d["l"].mean()), contrast=x, contrast_low=lo, contrast_high=hi))
+    return pd.DataFrame(out)
+
+
+def effects_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The chapter's effects table (report.effects_table) with the follow-the-planted-word columns."""
+    from .report import ci, effects_table as base, p
+
+    out = base(table)
+    out.insert(3, "edit", table["edit"].fillna("").to_numpy())
+    if "follow" in table:
+        out["follows planted word [95% CI] (reference)"] = [
+            "" if pd.isna(f) else f"{ci(f, lo, hi)} ({r:.3f})"
+            for f, lo, hi, r in zip(table["follow"], table["follow_low"], table["follow_high"], table["follow_ref"])]
+        out["follow McNemar p (Holm)"] = ["" if pd.isna(x) else p(x) for x in table["p_follow_holm"]]
+    return out
+
+
+def summary_text(table: pd.DataFrame, spans: pd.DataFrame, model: str = "capimagine") -> str:
+    """The chapter's findings, generated from the numbers."""
+    from .report import ci, claim, kind, p
+
+    lines = []
+    allrow = spans[spans["family"] == "all"].iloc[0]
+    lines.append(f"* **What {model} imagines.** Of {int(allrow['n'])} generated spans, "
+                 f"{int(allrow['span holds the answer word'])} state the answer word, "
+                 f"{int(allrow['another option' + chr(39) + 's word'])} another option's word and "
+                 f"{int(allrow['no option word'])} no option word; the rewrite of the generated span applies to the "
+                 f"first {int(allrow['rewrite applied'])} (the others are counted, not dropped: see the rewrite on "
+                 f"the ground-truth caption).")
+    t = table.set_index(["model", "condition"])
+    for cond in (key("rewrite"), key("caption_rewrite")):
+        if (model, cond) in t.index:
+            r = t.loc[(model, cond)]
+            verdict = "the answer follows the text" if r["p_follow_holm"] < ALPHA and r["follow_diff_low"] > 0 \
+                else "no detectable pull of the planted word"
+            lines.append(f"* **{cond.split('/')[0]}** ({model}): {claim(r)}; answers that follow the planted word "
+                         f"{ci(r['follow'], r['follow_low'], r['follow_high'])} against {r['follow_ref']:.3f} in the "
+                         f"reference (McNemar p_holm {p(r['p_follow_holm'])}): {verdict}.")
+    for what, text, lat in MATCHES:
+        if not text or not lat:
+            continue
+        parts = []
+        sub = table[table["edit"] == what]
+        for _, r in sub.iterrows():
+            moved = "changes the answer" if r["p_mcnemar_holm"] < ALPHA else "no detectable change"
+            parts.append(f"{r['model']} ({kind(r['model'])}) {ci(r['diff'], r['diff_low'], r['diff_high'], signed=True)}"
+                         f", {moved}")
+        if parts:
+            lines.append(f"* **{what}** (accuracy change [95% CI]): " + "; ".join(parts) + ".")
+    return "\n".join(lines)
