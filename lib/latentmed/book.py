@@ -50,6 +50,8 @@ CHAPTERS = [
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
     Chapter("04_latent_to_answer", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
+    Chapter("07_capimagine", ci_params=dict(small_run=True),
+            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
     Chapter("08_real", ci_params=dict(demo=True)),  # real track: renders a GPU run's results folder
 ]
 

@@ -678,3 +678,44 @@ def summary_text(table: pd.DataFrame, spans: pd.DataFrame, model: str = "capimag
         if parts:
             lines.append(f"* **{what}** (accuracy change [95% CI]): " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def by_family(rows: pd.DataFrame, conditions=("rewrite", "caption_rewrite", "swap"), model: str = "capimagine",
+              seed: int = 0) -> pd.DataFrame:
+    """`text_effects` of some conditions per task family (uncorrected: a breakdown, not a test family)."""
+    out = []
+    for fam, g in rows.groupby("family", sort=False):
+        t = text_effects(g, model, seed=seed)
+        t = t[t["condition"].isin([key(c) for c in conditions])]
+        out.append(t.assign(family=fam))
+    t = pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+    if t.empty:
+        return t
+    cols = ["family", "condition", "n", "acc_clean", "acc", "diff", "flip_rate"]
+    cols += [c for c in ("follow", "follow_ref") if c in t]
+    return t[cols].rename(columns={"acc_clean": "accuracy (refill)", "acc": "accuracy (edited)",
+                                   "diff": "change", "flip_rate": "flip rate", "follow": "follows planted word",
+                                   "follow_ref": "chose that option anyway (refill)"})
+
+
+def examples(rows: pd.DataFrame, items: list, per_family: int = 1) -> pd.DataFrame:
+    """The first items of each family: ground-truth caption, the span the model wrote, what it
+    states, the planted word, the span after the rewrite and the answers before and after."""
+    by = {it.id: it for it in items}
+    r = rows.set_index(["item", "condition"])
+    out = []
+    seen: dict[str, int] = {}
+    for it in items:
+        if seen.get(it.family, 0) >= per_family or (it.id, "clean") not in r.index:
+            continue
+        seen[it.family] = seen.get(it.family, 0) + 1
+        c, ref, rw = r.loc[(it.id, "clean")], r.loc[(it.id, REFERENCE)], r.loc[(it.id, key("rewrite"))]
+        cr = r.loc[(it.id, key("caption_rewrite"))]
+        opt = by[it.id].options
+        word = lambda x: "-" if x is None or pd.isna(x) else opt[int(x)]  # noqa: E731
+        out.append({"item": it.id, "question": it.question, "ground-truth caption": it.caption,
+                    "generated span": c["span"], "states": c["content"], "planted word": cr["planted_word"],
+                    "span after the rewrite": rw["span"] if rw["applied"] else f"({rw['status']})",
+                    "answer (refill)": word(ref["chosen"]), "answer (rewrite)": word(rw["chosen"]),
+                    "answer (caption rewritten)": word(cr["chosen"]), "right answer": it.answer_word})
+    return pd.DataFrame(out)
