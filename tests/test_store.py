@@ -89,3 +89,15 @@ def test_damaged_files_are_named(tmp_path):
         run.rows()
     with pytest.raises(ValueError, match="a row needs condition"):
         ResultsStore(tmp_path).run("m2", "h", {}).add([{"item": "x"}])
+
+
+def test_tensors_many_reads_each_sidecar_once(tmp_path, monkeypatch):
+    import latentmed.store as st
+
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    run.add(rows(["a", "b", "c"]), tensors={0: {"z": torch.zeros(2)}, 2: {"z": torch.ones(2)}})
+    calls = []
+    real = st.load_tensors
+    monkeypatch.setattr(st, "load_tensors", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    got = run.tensors_many(run.rows())
+    assert len(calls) == 1 and got[1] == {} and torch.equal(got[2]["z"], torch.ones(2))

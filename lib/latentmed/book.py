@@ -48,6 +48,8 @@ CHAPTERS = [
             inputs=("data:testbed/manifest.json",)),
     Chapter("02_zoo", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
+    Chapter("03_input_to_latent", ci_params=dict(small_run=True, n_permutations=50),
+            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
     Chapter("04_latent_to_answer", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
     Chapter("07_capimagine", ci_params=dict(small_run=True),

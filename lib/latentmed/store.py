@@ -123,6 +123,22 @@ class Run:
         prefix = f"{j}/"
         return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
+    def tensors_many(self, rows) -> list[dict[str, torch.Tensor]]:
+        """`tensors` of many rows, each sidecar file read once."""
+        files: dict[str, dict] = {}
+        out = []
+        for row in rows:
+            ref = row.get("tensors") if isinstance(row, dict) else None
+            if not isinstance(ref, str):
+                out.append({})
+                continue
+            file, j = ref.split("#")
+            if file not in files:
+                files[file] = load_tensors(self.folder / file, "results tensors")
+            prefix = f"{j}/"
+            out.append({k[len(prefix):]: v for k, v in files[file].items() if k.startswith(prefix)})
+        return out
+
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows())
         for k in ("model", "model_hash", "key"):

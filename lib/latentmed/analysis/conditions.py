@@ -108,6 +108,11 @@ def latent_conditions(clean: list, families: list[str], forms=("generate", "repl
     return out
 
 
+def _other_image(q) -> I.OtherImage:
+    """Another query's image, with its crop and evidence boxes (what the positive control reads)."""
+    return I.OtherImage(image=q.images[0], crop=q.crop, evidence_boxes=q.evidence_boxes, source=q.id)
+
+
 def input_conditions(queries: list, seed: int = 0, names=INPUT) -> list[Condition]:
     """Input perturbations of chapter 3, graded from pixel noise to another item entirely."""
     fam = [q.family for q in queries]
@@ -117,12 +122,10 @@ def input_conditions(queries: list, seed: int = 0, names=INPUT) -> list[Conditio
         "noise_48": lambda i: [I.NoiseImage(std=48.0, seed=seed + i)],
         "noise_96": lambda i: [I.NoiseImage(std=96.0, seed=seed + i)],
         "mask_evidence": lambda i: [I.MaskEvidence()],
-        "other_image": lambda i: [I.OtherImage(image=queries[don[i]].images[0], crop=queries[don[i]].crop,
-                                               source=queries[don[i]].id)],
+        "other_image": lambda i: [_other_image(queries[don[i]])],
         "other_question": lambda i: [I.SwapQuestion(question=queries[don[i]].question,
                                                     keywords=queries[don[i]].keywords)],
-        "other_item": lambda i: [I.OtherImage(image=queries[don[i]].images[0], crop=queries[don[i]].crop,
-                                              source=queries[don[i]].id),
+        "other_item": lambda i: [_other_image(queries[don[i]]),
                                  I.SwapQuestion(question=queries[don[i]].question,
                                                 keywords=queries[don[i]].keywords,
                                                 options=queries[don[i]].options)],

@@ -71,44 +71,75 @@ def outcome(answer: int | None, res) -> dict:
                 unparsed=bool(getattr(res, "unparsed", False)), nonfinite=bool(getattr(res, "nan", False)))
 
 
-def clean_runs(reasoner, prompts, config: DecodeConfig, batch_size: int = 16) -> list:
-    """The clean trace of every prompt (one batched pass)."""
-    return [ts[0] for ts in sweep_many(reasoner, prompts, [[[]] for _ in prompts], config, batch_size)]
+def clean_runs(reasoner, prompts, config: DecodeConfig, batch_size: int = 16, record=()) -> list:
+    """The clean trace of every prompt (one batched pass), with `record` interventions if any."""
+    record = as_interventions(record)
+    return [ts[0] for ts in sweep_many(reasoner, prompts, [[record] for _ in prompts], config, batch_size)]
+
+
+def latents(trace) -> dict:
+    """What the store keeps of a run by default: the first segment's fed and produced vectors."""
+    seg = trace.segments[0] if trace.segments else None
+    if seg is None or seg.z_in is None:
+        return {}
+    return {"z_in": seg.z_in, **({"z_out": seg.z_out} if seg.z_out is not None else {})}
 
 
 def measure(reasoner, queries: list, conditions: list[Condition], run: Run, config: DecodeConfig,
-            batch_size: int = 16, keep_latents: bool = True, progress: bool = False, clean=None) -> list:
-    """Run every missing (query, condition) of `run`; returns the clean traces (for donors)."""
+            batch_size: int = 16, progress: bool = False, clean=None, record=(), keep=None) -> list:
+    """Run every missing (query, condition) of `run`, `batch_size` items at a time, writing each
+    chunk's rows as soon as it is done (a killed run resumes there). `record` interventions are
+    added to the clean run and every generate-form condition (and left out of the rows); `keep`
+    says which tensors of those runs the store keeps (default: the clean run's latents).
+    Returns the clean traces (donors and replays come from them)."""
+    record = as_interventions(record)
     prompts = [reasoner.prompt(q) for q in queries]
     answers = [p.query.answer for p in prompts]
     ids = [q.id for q in queries]
-    clean = clean if clean is not None else clean_runs(reasoner, prompts, config, batch_size)
+    clean = clean if clean is not None else clean_runs(reasoner, prompts, config, batch_size, record)
     base = [dict(item=i, family=p.query.family) for i, p in zip(ids, prompts)]
     if run.missing([(i, "clean") for i in ids]):
         rows, tensors = [], {}
         for n, (b, t, a) in enumerate(zip(base, clean, answers)):
             rows.append({**b, "condition": "clean", "form": "generate", "interventions": [], **outcome(a, t)})
-            if keep_latents and t.segments and t.segments[0].z_in is not None:
-                tensors[n] = {"z_in": t.segments[0].z_in, "z_out": t.segments[0].z_out}
+            kept = (keep or latents)(t)
+            if kept:
+                tensors[n] = kept
         run.add(rows, tensors)
     todo = [c for c in conditions if c.name != "clean" and run.missing([(i, c.key) for i in ids])]
-    bar = tqdm(total=len(todo), desc=f"{reasoner.spec.method}: conditions", disable=not progress, leave=False)
-    gen = [c for c in todo if c.form == "generate"]
-    if gen:
-        per = [[c.make(n) for c in gen] for n in range(len(prompts))]
-        out = sweep_many(reasoner, prompts, per, config, batch_size)
-        for j, c in enumerate(gen):
-            run.add([{**b, "condition": c.key, "form": c.form, "interventions": [iv.to_dict() for iv in per[n][j]],
-                      **outcome(answers[n], out[n][j])} for n, b in enumerate(base)])
-            bar.update()
-    for c in (c for c in todo if c.form == "replay"):
-        edits = [c.make(n) for n in range(len(prompts))]
-        res = replay_many(reasoner, clean, edits)
-        run.add([{**b, "condition": c.key, "form": c.form, "interventions": [iv.to_dict() for iv in e],
-                  **outcome(answers[n], r)}
-                 for n, (b, e, r) in enumerate(zip(base, edits, res))])
-        bar.update()
+    bar = tqdm(total=len(ids), desc=f"{reasoner.spec.method}: conditions", disable=not progress or not todo,
+               leave=False)
+    for s in range(0, len(ids), batch_size):
+        chunk = range(s, min(s + batch_size, len(ids)))
+        _measure_chunk(reasoner, chunk, todo, run, config, batch_size, prompts, answers, base, clean, record, keep)
+        bar.update(len(chunk))
     bar.close()
     return clean
 
 
+def _measure_chunk(reasoner, chunk, todo, run, config, batch_size, prompts, answers, base, clean, record, keep):
+    """The missing conditions of a few items: generate-form ones as one shared-work sweep, then
+    the replays; rows (and kept tensors) written per condition."""
+    have = {c.key: {k[0] for k in run.missing([(base[n]["item"], c.key) for n in chunk])} for c in todo}
+    gen = [c for c in todo if c.form == "generate" and have[c.key]]
+    if gen:
+        made = {n: [c.make(n) for c in gen] for n in chunk}
+        out = sweep_many(reasoner, [prompts[n] for n in chunk], [[v + record for v in made[n]] for n in chunk],
+                         config, batch_size)
+        for j, c in enumerate(gen):
+            rows, tensors = [], {}
+            for n, traces in zip(chunk, out):
+                if base[n]["item"] not in have[c.key]:
+                    continue
+                t = traces[j]
+                rows.append({**base[n], "condition": c.key, "form": c.form,
+                             "interventions": [iv.to_dict() for iv in made[n][j]], **outcome(answers[n], t)})
+                if keep is not None and keep(t):
+                    tensors[len(rows) - 1] = keep(t)
+            run.add(rows, tensors)
+    for c in (c for c in todo if c.form == "replay" and have[c.key]):
+        ns = [n for n in chunk if base[n]["item"] in have[c.key]]
+        edits = [c.make(n) for n in ns]
+        res = replay_many(reasoner, [clean[n] for n in ns], edits)
+        run.add([{**base[n], "condition": c.key, "form": c.form, "interventions": [iv.to_dict() for iv in e],
+                  **outcome(answers[n], r)} for n, e, r in zip(ns, edits, res)])

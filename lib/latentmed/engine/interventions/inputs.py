@@ -74,10 +74,11 @@ class NoiseImage(InputEdit):
 class OtherImage(InputEdit):
     """Use another image with this question (a file path, or an in-memory `image`, not serialised).
     The evidence crop and boxes belong to the old image: they are dropped, or replaced by the
-    other image's `crop` when one is given (in memory, not serialised)."""
+    other image's `crop` (in memory, not serialised) and `evidence_boxes` when given."""
     path: str | None = None
     image: Any = field(default=None, repr=False, compare=False, metadata={"serialise": False})
     crop: Any = field(default=None, repr=False, compare=False, metadata={"serialise": False})
+    evidence_boxes: list[list[float]] | None = None  # where the evidence sits in the other image
     source: str | None = None  # a name for the other image in results (e.g. its item id)
 
     def validate(self):
@@ -90,7 +91,7 @@ class OtherImage(InputEdit):
 
     def edit_query(self, q):
         im = self.image if self.image is not None else as_image(self.path, "OtherImage.path")
-        return q.replace(images=[im] + list(q.images[1:]), crop=self.crop, evidence_boxes=None)
+        return q.replace(images=[im] + list(q.images[1:]), crop=self.crop, evidence_boxes=self.evidence_boxes)
 
 
 
@@ -127,8 +128,10 @@ class MaskEvidence(InputEdit):
         _colour(self, "colour")
 
     def edit_query(self, q):
-        if not q.evidence_boxes:
-            raise ValueError(f"MaskEvidence: query {q.id or ''} has no evidence boxes")
+        if q.evidence_boxes is None:
+            raise ValueError(f"MaskEvidence: query {q.id or ''} does not say where its evidence is (evidence_boxes)")
+        if not q.evidence_boxes:  # nothing to see (e.g. zero objects to count): the scene stays as it is
+            return q
         im = q.images[0].convert("RGB").copy()
         for x0, y0, x1, y1 in q.evidence_boxes:
             im.paste(tuple(self.colour), (int(x0) - self.pad, int(y0) - self.pad, int(x1) + self.pad, int(y1) + self.pad))
