@@ -492,6 +492,7 @@ def span_table(rows: pd.DataFrame) -> pd.DataFrame:
                     "closed by its marker": int((g["span_end"] == "model").sum()),
                     "clean answer scored": int(g["chosen"].notna().sum()),
                     "rewrite applied": int(rw["applied"].astype(bool).sum()),
+                    "as CorruptWord": int((rw["how"] == "CorruptWord").sum()),
                     "rewrite not applied": int((~rw["applied"].astype(bool)).sum()),
                     "caption_rewrite applied": int(cr["applied"].astype(bool).sum())})
     return pd.DataFrame(out)
@@ -654,9 +655,10 @@ def summary_text(table: pd.DataFrame, spans: pd.DataFrame, model: str = "capimag
     lines.append(f"* **What {model} imagines.** Of {int(allrow['n'])} generated spans, "
                  f"{int(allrow['span holds the answer word'])} state the answer word, "
                  f"{int(allrow['another option' + chr(39) + 's word'])} another option's word and "
-                 f"{int(allrow['no option word'])} no option word; the rewrite of the generated span applies to the "
-                 f"first {int(allrow['rewrite applied'])} (the others are counted, not dropped: see the rewrite on "
-                 f"the ground-truth caption).")
+                 f"{int(allrow['no option word'])} no option word; the rewrite of the generated span applies to those "
+                 f"{int(allrow['rewrite applied'])} items ({int(allrow['as CorruptWord'])} as `CorruptWord`); the "
+                 f"others are counted, not dropped, and the rewrite of the ground-truth caption covers all "
+                 f"{int(allrow['caption_rewrite applied'])}.")
     t = table.set_index(["model", "condition"])
     for cond in (key("rewrite"), key("caption_rewrite")):
         if (model, cond) in t.index:
@@ -718,4 +720,26 @@ def examples(rows: pd.DataFrame, items: list, per_family: int = 1) -> pd.DataFra
                     "span after the rewrite": rw["span"] if rw["applied"] else f"({rw['status']})",
                     "answer (refill)": word(ref["chosen"]), "answer (rewrite)": word(rw["chosen"]),
                     "answer (caption rewritten)": word(cr["chosen"]), "right answer": it.answer_word})
+    return pd.DataFrame(out)
+
+
+def agreement(rows: pd.DataFrame, items: list) -> pd.DataFrame:
+    """Before any edit: on items whose generated span states exactly one option's word, how often
+    the refilled run answers that option (the right one or not), with a Wilson interval. A model
+    whose answer follows its own imagination agrees also where the imagination is wrong."""
+    opts = {it.id: it.options for it in items}
+    clean = rows[rows["condition"] == "clean"].set_index("item")
+    ref = rows[rows["condition"] == REFERENCE].set_index("item")
+    recs = []
+    for i, c in clean.iterrows():
+        said = [k for k, o in enumerate(opts[i]) if word_spans(c["span"] or "", o)]
+        if len(said) == 1 and i in ref.index:
+            recs.append(dict(states=c["content"], agrees=ref.loc[i, "chosen"] == said[0]))
+    d = pd.DataFrame(recs, columns=["states", "agrees"])
+    out = []
+    for what, g in list(d.groupby("states", sort=False)) + [("either", d)]:
+        k, n = int(g["agrees"].sum()), len(g)
+        lo, hi = wilson(k, n)
+        out.append({"span states": what, "n": n, "answer is the stated option": k,
+                    "share": k / n if n else np.nan, "95% CI": f"[{lo:.3f}, {hi:.3f}]" if n else "n/a"})
     return pd.DataFrame(out)
