@@ -10,7 +10,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-
 from latentmed.analysis import text_mediator as tm
 from latentmed.engine import interventions as I
 from latentmed.engine.query import Query

@@ -33,13 +33,10 @@ A killed run resumes where it stopped. Analysis: `span_table`, `instrument_check
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from ..engine import interventions as I
@@ -49,6 +46,18 @@ from ..store import ResultsStore, Run
 from .conditions import donors
 from .effects import mean_ci, paired
 from .measure import outcome
+from .rewrite import (  # noqa: F401  (re-exported: the chapter's notebook and tests use one module)
+    PROMPT,
+    ExactWordRewriter,
+    LMRewriter,
+    Rewrite,
+    Rewriter,
+    RewriteRequest,
+    content,
+    planted_word,
+    replace_word,
+    word_spans,
+)
 from .stats import ALPHA, holm, mcnemar_paired, paired_difference, wilson
 
 FORM = "continue"
@@ -87,13 +96,6 @@ def describe(names=CONDITIONS) -> pd.DataFrame:
     return pd.DataFrame([dict(condition=n, what=WHAT[n]) for n in names])
 
 
-# ---- reading and editing words in a span ------------------------------------------------------------
-
-def word_spans(text: str, word: str) -> list[tuple[int, int]]:
-    """Character ranges of `word` in `text` as a whole word (not inside another word)."""
-    return [m.span() for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text)]
-
-
 def span_ids(trace) -> list[int]:
     """The token ids of the trace's imagination span (empty without one)."""
     seg = next((s for s in trace.segments if s.kind == "text"), None)
@@ -104,186 +106,6 @@ def span_end(trace) -> str:
     """How the imagination span ended: 'model' (its end marker), 'cap', 'eos', ... ('' without one)."""
     seg = next((s for s in trace.segments if s.kind == "text"), None)
     return "" if seg is None else seg.ended
-
-
-def content(text: str, options: list[str], answer_word: str) -> str:
-    """What the span states: 'answer word', "another option's word" or 'no option word'."""
-    if word_spans(text, answer_word):
-        return "answer word"
-    if any(word_spans(text, o) for o in options if o != answer_word):
-        return "another option's word"
-    return "no option word"
-
-
-def _offsets(tokenizer, ids: list[int]) -> list[int] | None:
-    """Character offset of every token boundary in decode(ids), or None when decoding prefixes
-    does not give a consistent split (multi-byte characters cut between tokens)."""
-    full = tokenizer.decode(ids)
-    offs = [len(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1)]
-    ok = offs[-1] == len(full) and all(a <= b for a, b in zip(offs, offs[1:])) and all(
-        full.startswith(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1))
-    return offs if ok else None
-
-
-def replace_word(tokenizer, ids: list[int], old: str, new: str) -> tuple[list[int] | None, str]:
-    """Token surgery: every whole-word occurrence of `old` replaced by `new`, every other token
-    kept as it is. Returns (new ids, "ok") or (None, why not)."""
-    text = tokenizer.decode(ids)
-    hits = word_spans(text, old)
-    if not hits:
-        return None, f"the span does not hold the word {old!r}"
-    offs = _offsets(tokenizer, ids)
-    if offs is None:
-        return None, "the span's tokens do not decode to separable characters"
-    out = list(ids)
-    for s, e in reversed(hits):
-        i = max(j for j in range(len(ids)) if offs[j] <= s)  # token holding the word's first char
-        j = min(j for j in range(1, len(ids) + 1) if offs[j] >= e)  # boundary after its last char
-        lead = text[offs[i]:s]
-        if offs[j] != e or lead.strip():
-            return None, f"the word {old!r} shares a token with its neighbours"
-        out[i:j] = tokenizer.encode(lead + new, add_special_tokens=False)
-    return out, "ok"
-
-
-def planted_word(options: list[str], answer_word: str, seed: int, index: int) -> str:
-    """The wrong option written into the span for item `index` (seeded; never the answer)."""
-    wrong = [o for o in options if o != answer_word]
-    if not wrong:
-        raise ValueError(f"options {options!r}: no wrong option to plant")
-    return wrong[int(np.random.default_rng([seed, index]).integers(len(wrong)))]
-
-
-# ---- rewriters -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RewriteRequest:
-    """What a rewriter is given: the span (ids and text), the question and options, the word that
-    states the answer now, and the wrong option the rewritten span must lead to."""
-
-    span_ids: list[int]
-    span_text: str
-    question: str
-    options: list[str]
-    answer_word: str
-    target_word: str
-    item: str | None = None
-
-
-@dataclass
-class Rewrite:
-    """A rewriter's answer: the span edits for `continue_from` (empty when not applied), whether it
-    applies ("ok", else the reason), the span text it leads to, and how it was made."""
-
-    edits: list = field(default_factory=list)
-    status: str = "ok"
-    text: str | None = None
-    how: str = ""
-
-    @property
-    def applied(self) -> bool:
-        return self.status == "ok" and bool(self.edits)
-
-
-@runtime_checkable
-class Rewriter(Protocol):
-    """Rewrites an imagination span so that it leads to `request.target_word`."""
-
-    name: str
-
-    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite: ...
-
-
-class ExactWordRewriter:
-    """The testbed's exact rewrite: the answer word replaced by the target word, nothing else.
-
-    The edit is `CorruptWord(old, new)` whenever that intervention (decode, replace, re-encode)
-    gives exactly the token surgery of `replace_word`; where re-encoding would also change other
-    tokens (a span written in non-canonical pieces), the surgery's ids are applied as
-    `ReplaceSpan(ids=...)` and the row says so (`how`)."""
-
-    name = "exact-word"
-
-    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite:
-        said = content(request.span_text, request.options, request.answer_word)
-        if said != "answer word":
-            return Rewrite([], f"the span does not hold the answer word (it states {said})", None, "")
-        ids, status = replace_word(tokenizer, list(request.span_ids), request.answer_word, request.target_word)
-        if ids is None:
-            return Rewrite([], status, None, "")
-        cw = I.CorruptWord(old=request.answer_word, new=request.target_word)
-        try:
-            same = cw.edit_span(list(request.span_ids), tokenizer) == ids
-        except ValueError:
-            same = False
-        edit, how = (cw, "CorruptWord") if same else (I.ReplaceSpan(ids=ids), "ReplaceSpan (token surgery)")
-        return Rewrite([edit], "ok", tokenizer.decode(ids), how)
-
-
-PROMPT = ("Rewrite the description so that it leads to the answer \"{target}\" instead of \"{answer}\". "
-          "Change as little as possible and keep its form.\n"
-          "Question: {question}\nOptions: {options}\nDescription: {span}\nRewritten description:")
-
-
-class LMRewriter:
-    """A local language model rewrites the span (the paper used a 32B LLM): greedy decoding of
-    `PROMPT` (through the tokenizer's chat template when it has one), the first line of the reply
-    becomes the new span (`ReplaceSpan(text=...)`). A reply that does not state the target word,
-    or still states the answer word, is reported (status) and not applied.
-
-    `model` is any Hugging Face causal or image-text model with `generate` (a `LatentReasoner`'s
-    `.model` works: the engine's checkpoints load it); `from_pretrained` loads a local folder
-    (safetensors only, nothing downloaded)."""
-
-    def __init__(self, model, tokenizer, max_new_tokens: int = 64, prompt: str = PROMPT, name: str | None = None):
-        self.model, self.tokenizer, self.max_new_tokens, self.prompt = model, tokenizer, max_new_tokens, prompt
-        self.name = name or f"lm:{getattr(getattr(model, 'config', None), 'name_or_path', '') or type(model).__name__}"
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype=None, **kw) -> "LMRewriter":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such model folder for the rewriter")
-        if not list(path.glob("*.safetensors")):
-            raise ValueError(f"{path}: no .safetensors weights (the rewriter loads safetensors only)")
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                         torch_dtype=dtype or torch.float32).to(device).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: cannot load the rewriter ({type(exc).__name__}: {exc})") from exc
-        return cls(model, tok, name=kw.pop("name", f"lm:{path.name}"), **kw)
-
-    def _input_ids(self, text: str) -> torch.Tensor:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_tensors="pt")
-            return ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids["input_ids"])
-        return torch.tensor([tok.encode(text, add_special_tokens=False)])
-
-    def reply(self, request: RewriteRequest) -> str:
-        """The model's rewritten span for `request` (first line of its greedy reply)."""
-        text = self.prompt.format(target=request.target_word, answer=request.answer_word, question=request.question,
-                                  options=", ".join(request.options), span=request.span_text.strip())
-        ids = self._input_ids(text).to(self.model.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return reply.strip().split("\n")[0].strip()
-
-    def rewrite(self, request: RewriteRequest, tokenizer) -> Rewrite:
-        new = self.reply(request)
-        lead = " " if request.span_text.startswith(" ") else ""
-        if not word_spans(new, request.target_word):
-            return Rewrite([], f"the rewriter's reply does not state {request.target_word!r}", new, self.name)
-        if word_spans(new, request.answer_word):
-            return Rewrite([], f"the rewriter's reply still states {request.answer_word!r}", new, self.name)
-        return Rewrite([I.ReplaceSpan(text=lead + new)], "ok", lead + new, self.name)
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
@@ -373,6 +195,8 @@ def run_text_study(reasoner, items: list, run: Run, config: DecodeConfig | None 
         return run.frame()
     cfg = config or decode_config(reasoner, "forced")
     clean = clean if clean is not None else clean_traces(reasoner, queries, cfg, batch_size)
+    if len(clean) != len(items):
+        raise ValueError(f"{len(clean)} clean traces for {len(items)} items")
     tok = reasoner.tokenizer
     spans = [span_ids(t) for t in clean]
     _check_stored_clean(run, ids, spans)
@@ -514,8 +338,9 @@ def instrument_check(rows: pd.DataFrame) -> pd.DataFrame:
     r = rows[rows["condition"] == REFERENCE]
     both = c.merge(r, on="item", suffixes=("_clean", "_refill"), how="inner")
     out = []
-    for what, g in (("span closed by its marker (or the cap)", both[both["span_end_clean"].isin(["model", "cap"])]),
-                    ("span ended otherwise (clean run unanswered)", both[~both["span_end_clean"].isin(["model", "cap"])])):
+    closed = both["span_end_clean"].isin(["model", "cap"])
+    for what, g in (("span closed by its marker (or the cap)", both[closed]),
+                    ("span ended otherwise (clean run unanswered)", both[~closed])):
         lp = [np.max(np.abs(np.subtract(a, b))) for a, b in zip(g["logprobs_clean"], g["logprobs_refill"])
               if a is not None and b is not None]
         out.append({"items": what, "n": len(g),
@@ -634,7 +459,8 @@ def contrasts(text_rows: pd.DataFrame, latent: pd.DataFrame, models: list[str], 
 
 def effects_table(table: pd.DataFrame) -> pd.DataFrame:
     """The chapter's effects table (report.effects_table) with the follow-the-planted-word columns."""
-    from .report import ci, effects_table as base, p
+    from .report import ci, p
+    from .report import effects_table as base
 
     out = base(table)
     out.insert(3, "edit", table["edit"].fillna("").to_numpy())
@@ -675,8 +501,8 @@ def summary_text(table: pd.DataFrame, spans: pd.DataFrame, model: str = "capimag
         sub = table[table["edit"] == what]
         for _, r in sub.iterrows():
             moved = "changes the answer" if r["p_mcnemar_holm"] < ALPHA else "no detectable change"
-            parts.append(f"{r['model']} ({kind(r['model'])}) {ci(r['diff'], r['diff_low'], r['diff_high'], signed=True)}"
-                         f", {moved}")
+            change = ci(r["diff"], r["diff_low"], r["diff_high"], signed=True)
+            parts.append(f"{r['model']} ({kind(r['model'])}) {change}, {moved}")
         if parts:
             lines.append(f"* **{what}** (accuracy change [95% CI]): " + "; ".join(parts) + ".")
     return "\n".join(lines)
@@ -713,8 +539,9 @@ def examples(rows: pd.DataFrame, items: list, per_family: int = 1) -> pd.DataFra
         seen[it.family] = seen.get(it.family, 0) + 1
         c, ref, rw = r.loc[(it.id, "clean")], r.loc[(it.id, REFERENCE)], r.loc[(it.id, key("rewrite"))]
         cr = r.loc[(it.id, key("caption_rewrite"))]
-        opt = by[it.id].options
-        word = lambda x: "-" if x is None or pd.isna(x) else opt[int(x)]  # noqa: E731
+        def word(x, opt=by[it.id].options):
+            return "-" if x is None or pd.isna(x) else opt[int(x)]
+
         out.append({"item": it.id, "question": it.question, "ground-truth caption": it.caption,
                     "generated span": c["span"], "states": c["content"], "planted word": cr["planted_word"],
                     "span after the rewrite": rw["span"] if rw["applied"] else f"({rw['status']})",
