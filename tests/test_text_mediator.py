@@ -124,18 +124,18 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(fresh, tmp_path, monkey
     clean = captions(r, its)
     whole = tm.run_text_study(r, its, ResultsStore(tmp_path / "a").run("m", "h", {}), clean=clean, chunk=3)
     run = ResultsStore(tmp_path / "b").run("m", "h", {})
-    real, calls = r.continue_from, {"n": 0}
+    real, calls = tm.continue_many, {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 20:
+        if calls["n"] == 6:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(r, "continue_from", dying)
+    monkeypatch.setattr(tm, "continue_many", dying)
     with pytest.raises(KeyboardInterrupt):
         tm.run_text_study(r, its, run, clean=clean, chunk=3)
-    monkeypatch.setattr(r, "continue_from", real)
+    monkeypatch.setattr(tm, "continue_many", real)
     partial = len(run.rows())
     assert 0 < partial < len(whole)
     with open(run.path, "a") as f:  # and a line cut by the kill
@@ -150,6 +150,24 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(fresh, tmp_path, monkey
     assert len(done) == len(whole)
 
 
+def test_batched_continuations_are_continue_from(fresh):
+    r = fresh("capimagine", max_latents=4)
+    its = items(2)
+    clean = with_span(r, its, [" " + it.caption if n % 3 else None for n, it in enumerate(its)])  # 4: a caption
+    tok = r.tokenizer
+    edits = [[], [I.DeleteSpan()], [I.ShuffleSpan(seed=3)], [I.ReplaceSpan(text=" the star is red")],
+             [I.CorruptWord(old="the", new="a")], [], [I.ReplaceSpan(ids=ids(tok, " the"))], [I.DeleteSpan()]]
+    cfg = decode_config(r, "forced")
+    many = tm.continue_many(r, clean, edits, cfg, batch_size=5)
+    for t, e, m in zip(clean, edits, many):
+        one = r.continue_from(t, edits=e, config=cfg)
+        assert m.ids == one.ids and m.answer_index == one.answer_index and m.answer_step == one.answer_step
+        assert m.answer_logprobs == pytest.approx(one.answer_logprobs, abs=1e-4)
+        assert tm.span_ids(m) == tm.span_ids(one) and m.segments[0].end == one.segments[0].end
+    with pytest.raises(ValueError, match="span edits only"):
+        tm.continue_many(r, clean[:1], [[I.ZeroLatent()]], cfg)
+
+
 def test_a_resumed_run_refuses_other_clean_traces(fresh, tmp_path):
     r = fresh("capimagine", max_latents=4)
     its = items(1)
@@ -161,28 +179,17 @@ def test_a_resumed_run_refuses_other_clean_traces(fresh, tmp_path):
 
 # ---- planted mediators ---------------------------------------------------------------------------------
 
-class Follower:
-    """A planted text mediator: its answer is the option whose word its span states."""
-
-    def __init__(self, r):
-        self.r = r
-
-    def __getattr__(self, name):
-        return getattr(self.r, name)
-
-    def follow(self, t):
-        opts = t.inputs.query.options
-        text = self.r.tokenizer.decode(tm.span_ids(t))
-        said = [i for i, o in enumerate(opts) if tm.word_spans(text, o)]
-        logits = torch.zeros(len(opts))
-        if said:
-            logits[said[0]] = 8.0
-        t.answer_logprobs = torch.log_softmax(logits, 0).tolist()
-        t.answer_index = int(logits.argmax())
-        return t
-
-    def continue_from(self, trace, **kw):
-        return self.follow(self.r.continue_from(trace, **kw))
+def follow(r, t):
+    """A planted text mediator's answer: the option whose word the span states (else the first)."""
+    opts = t.inputs.query.options
+    text = r.tokenizer.decode(tm.span_ids(t))
+    said = [i for i, o in enumerate(opts) if tm.word_spans(text, o)]
+    logits = torch.zeros(len(opts))
+    if said:
+        logits[said[0]] = 8.0
+    t.answer_logprobs = torch.log_softmax(logits, 0).tolist()
+    t.answer_index = int(logits.argmax())
+    return t
 
 
 def study(r, its, clean, tmp_path, name):
@@ -194,8 +201,10 @@ def study(r, its, clean, tmp_path, name):
 def test_a_planted_text_mediator_is_found_and_a_span_blind_reasoner_is_not(fresh, tmp_path):
     its = items(3)
     real = fresh("capimagine", max_latents=4)
-    follower = Follower(real)
-    found = study(follower, its, [follower.follow(t) for t in captions(real, its)], tmp_path, "follow")
+    cont = tm.continue_many
+    with pytest.MonkeyPatch.context() as mp:  # every continuation answers what its span states
+        mp.setattr(tm, "continue_many", lambda r, *a, **kw: [follow(r, t) for t in cont(r, *a, **kw)])
+        found = study(real, its, [follow(real, t) for t in captions(real, its)], tmp_path, "follow")
     for cond in ("rewrite/continue", "caption_rewrite/continue"):
         f = found.loc[cond]
         assert f["n"] == len(its) and f["acc_clean"] == 1 and f["acc"] == 0
