@@ -536,14 +536,28 @@ def summary_text(table: pd.DataFrame, spans: pd.DataFrame, model: str = "capimag
                  f"others are counted, not dropped, and the rewrite of the ground-truth caption covers all "
                  f"{int(allrow['caption_rewrite applied'])}.")
     t = table.set_index(["model", "condition"])
+    follows = {}
     for cond in (key("rewrite"), key("caption_rewrite")):
         if (model, cond) in t.index:
             r = t.loc[(model, cond)]
-            verdict = "the answer follows the text" if r["p_follow_holm"] < ALPHA and r["follow_diff_low"] > 0 \
-                else "no detectable pull of the planted word"
+            follows[cond] = bool(r["p_follow_holm"] < ALPHA and r["follow_diff_low"] > 0)
+            verdict = "the answer follows the text" if follows[cond] else "no detectable pull of the planted word"
             lines.append(f"* **{cond.split('/')[0]}** ({model}): {claim(r)}; answers that follow the planted word "
                          f"{ci(r['follow'], r['follow_low'], r['follow_high'])} against {r['follow_ref']:.3f} in the "
-                         f"reference (McNemar p_holm {p(r['p_follow_holm'])}): {verdict}.")
+                         f"reference (McNemar p_holm {p(r['p_follow_holm'])}); the right option's margin "
+                         f"{ci(r['margin_change'], r['margin_low'], r['margin_high'], signed=True)} (Wilcoxon p_holm "
+                         f"{p(r['p_wilcoxon_holm'])}): {verdict}.")
+    if key("rewrite") in follows:
+        r = t.loc[(model, key("rewrite"))]
+        if follows[key("rewrite")]:
+            verdict = "reproduced on the testbed (the answers follow the planted word)"
+        elif r["follow_high"] < 0.5:  # fewer than half the answers follow it, with 95% confidence
+            verdict = (f"not reproduced on the testbed: the answers follow the planted word on at most "
+                       f"{r['follow_high']:.3f} of the items (95% upper bound, n = {int(r['n'])})")
+        else:
+            verdict = f"inconclusive at this sample size (n = {int(r['n'])})"
+        lines.insert(0, f"* **The paper's test** (rewriting the imagined text to a wrong conclusion changes the "
+                        f"answer): {verdict}.")
     for what, text, lat in MATCHES:
         if not text or not lat:
             continue
