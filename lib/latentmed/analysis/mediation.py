@@ -1,0 +1,222 @@
+"""Mediation (chapter 6): how much of the input's effect on the answer flows through the latents.
+
+Estimands, fixed before any result (for one model, a counterfactual input X' of item X, and the
+outcome Y: whether the answer is X's right option, or the log-prob margin of X's right option):
+
+    total effect      TE  = Y(X', Z(X'))  - Y(X, Z(X))
+    natural direct    NDE = Y(X', Z(X))   - Y(X, Z(X))     the input changes, the latents do not
+    natural indirect  NIE = Y(X,  Z(X'))  - Y(X, Z(X))     the latents change, the input does not
+    proportion mediated   PM = NIE / TE   (of the means; undefined when TE's interval holds 0)
+
+Z(X) are the latents of the clean run; Z(X') those of the run on the perturbed input. The mixed
+runs feed one run's latents into the other's prompt (`SwapLatent` at every slot, decoded: the
+answer is generated after them). Intervals are percentile bootstraps over items, resampling the
+four runs of an item together. A second estimate comes from statsmodels' `Mediation`
+(Imai-Keele-Tingley) on a scalar summary of Z: its projection on the direction from the mean
+clean latent to the mean perturbed latent, with a logit outcome model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..engine import interventions as I
+from ..engine.reasoner import LatentReasoner
+from ..store import ResultsStore
+from ..zoo.evaluate import decode_config
+from . import conditions as C
+from .measure import Condition, latents, measure
+from .stats import ALPHA, holm
+from .study import model_hash
+
+PERTURBATIONS = ("mask_evidence", "other_image", "noise_96")
+RUNS = ("x_zx", "xp_zxp", "x_zxp", "xp_zx")  # Y(X, Z(X)), Y(X', Z(X')), Y(X, Z(X')), Y(X', Z(X))
+
+
+def _z(trace):
+    seg = trace.segments[0] if trace.segments else None
+    return None if seg is None or seg.z_in is None or not len(seg.z_in) else seg.z_in
+
+
+def perturbed_runs(reasoner, prompts, perturb: Condition, config, batch_size: int = 16) -> list:
+    """The run of every prompt on its perturbed input X' (for its latents Z(X'))."""
+    from ..engine.sweep import sweep_many
+
+    return [t[0] for t in sweep_many(reasoner, prompts, [[perturb.make(n)] for n in range(len(prompts))], config,
+                                     batch_size)]
+
+
+def mixed_conditions(perturb: Condition, clean: list, pert: list) -> list[Condition]:
+    """The perturbed run and the two mixed runs of one perturbation, as conditions of `measure`."""
+    def swap(z):
+        return [I.SwapLatent(source=z.tolist())] if z is not None else []
+
+    name = perturb.name
+    return [Condition(f"{name}:xp_zxp", lambda n: perturb.make(n)),
+            Condition(f"{name}:x_zxp", lambda n: swap(_z(pert[n]))),
+            Condition(f"{name}:xp_zx", lambda n: perturb.make(n) + swap(_z(clean[n])))]
+
+
+def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: list[str],
+                  perturbations=PERTURBATIONS, seed: int = 0, device: str = "cpu", progress: bool = False,
+                  chapter: int = 6) -> pd.DataFrame:
+    """The four runs of every (model, item, perturbation), stored; returns their rows."""
+    store = ResultsStore(store_dir)
+    base = {c.name: c for c in C.input_conditions(qs, seed)}
+    frames = []
+    for m in tqdm(models, desc="models", disable=not progress):
+        folder = Path(root) / m
+        r = LatentReasoner.from_pretrained(folder, device=device)
+        run = store.run(m, model_hash(folder), dict(chapter=chapter, items=[q.id for q in qs], seed=seed,
+                                                    perturbations=list(perturbations)))
+        cfg = decode_config(r)
+        prompts = [r.prompt(q) for q in qs]
+        clean = measure(r, qs, [], run, cfg)
+        for p in perturbations:
+            keys = [(q.id, f"{p}:{k}/generate") for q in qs for k in ("xp_zxp", "x_zxp", "xp_zx")]
+            if not run.missing(keys):
+                continue
+            pert = perturbed_runs(r, prompts, base[p], cfg)
+            measure(r, qs, mixed_conditions(base[p], clean, pert), run, cfg, clean=clean, keep=latents)
+        frames.append(run.frame())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def wide(rows: pd.DataFrame, perturbation: str, outcome: str = "correct") -> pd.DataFrame:
+    """One row per (model, item) with the outcome of the four runs of `perturbation`."""
+    keys = {"clean": "x_zx", f"{perturbation}:xp_zxp/generate": "xp_zxp", f"{perturbation}:x_zxp/generate": "x_zxp",
+            f"{perturbation}:xp_zx/generate": "xp_zx"}
+    sub = rows[rows["condition"].isin(keys)].assign(run=lambda d: d["condition"].map(keys))
+    w = sub.pivot_table(index=["model", "item"], columns="run", values=outcome, aggfunc="first")
+    return w.dropna().astype(float)
+
+
+def _effects(means: np.ndarray) -> np.ndarray:
+    """[..., 4] means of the four runs (RUNS order) -> [..., 4] TE, NDE, NIE, PM."""
+    te, nde, nie = means[..., 1] - means[..., 0], means[..., 3] - means[..., 0], means[..., 2] - means[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pm = np.where(np.abs(te) > 1e-12, nie / te, np.nan)
+    return np.stack([te, nde, nie, pm], -1)
+
+
+def estimates(rows: pd.DataFrame, perturbation: str, outcome: str = "correct", seed: int = 0,
+              n_boot: int = 2000, alpha: float = ALPHA) -> pd.DataFrame:
+    """TE, NDE, NIE and PM per model with 95% percentile bootstrap intervals over items (the four
+    runs of an item resampled together; one set of resamples for all four estimates)."""
+    out = []
+    w = wide(rows, perturbation, outcome)
+    rng = np.random.default_rng(seed)
+    for m, g in w.groupby(level="model", sort=False):
+        y = g[list(RUNS)].to_numpy()
+        est = _effects(y.mean(0))
+        boots = _effects(y[rng.integers(0, len(y), size=(n_boot, len(y)))].mean(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # PM is undefined (nan) in resamples without TE
+            lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+        row = dict(model=m, perturbation=perturbation, outcome=outcome, n=len(y))
+        for j, name in enumerate(("te", "nde", "nie", "pm")):
+            row.update({name: float(est[j]), f"{name}_low": float(lo[j]), f"{name}_high": float(hi[j])})
+        if not (row["te_low"] > 0 or row["te_high"] < 0):
+            row.update(pm=np.nan, pm_low=np.nan, pm_high=np.nan)  # no total effect to apportion
+        row["p_nie"] = _sign_test(y[:, 2] - y[:, 0])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _sign_test(d: np.ndarray) -> float:
+    """Two-sided test that the per-item indirect differences are centred on zero: an exact
+    binomial (sign) test on the items where they are not zero (McNemar's test for a 0/1 outcome)."""
+    from scipy.stats import binomtest
+
+    pos, neg = int((d > 0).sum()), int((d < 0).sum())
+    return 1.0 if pos + neg == 0 else float(binomtest(pos, pos + neg, 0.5).pvalue)
+
+
+def correct_family(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Holm over every row of the table (the chapter's family) for the indirect effect's test."""
+    table = table.copy()
+    if len(table):
+        table["p_nie_holm"], table["nie_reject"] = holm(table["p_nie"].to_numpy(), alpha)
+    return table
+
+
+def statsmodels_estimate(rows: pd.DataFrame, tensors: dict, perturbation: str, model: str, seed: int = 0,
+                         sims: int = 200) -> dict:
+    """ACME and ADE from statsmodels' Mediation on a scalar summary of Z (its projection on the
+    direction from the mean clean latent to the mean perturbed latent), logit outcome model."""
+    import statsmodels.api as sm
+    from statsmodels.stats.mediation import Mediation
+
+    data = []
+    for cond, treat in (("clean", 0), (f"{perturbation}:xp_zxp/generate", 1)):
+        g = rows[(rows["model"] == model) & (rows["condition"] == cond)]
+        for item, correct in zip(g["item"], g["correct"]):
+            z = tensors.get((model, item, cond))
+            if z is not None:
+                data.append(dict(item=item, treat=treat, correct=int(bool(correct)), z=z.float().mean(0).numpy()))
+    if len(data) < 10:
+        return dict(model=model, perturbation=perturbation, acme=np.nan, acme_low=np.nan, acme_high=np.nan,
+                    ade=np.nan, ade_low=np.nan, ade_high=np.nan, note="too few runs with latents")
+    df = pd.DataFrame(data)
+    d = np.stack(df[df.treat == 1]["z"]).mean(0) - np.stack(df[df.treat == 0]["z"]).mean(0)
+    norm = np.linalg.norm(d)
+    df["m"] = np.stack(df["z"]) @ (d / norm) if norm > 0 else 0.0
+    df["m"] = (df["m"] - df["m"].mean()) / (df["m"].std() or 1.0)
+    if df["correct"].nunique() < 2 or df["m"].std() == 0:
+        return dict(model=model, perturbation=perturbation, acme=np.nan, acme_low=np.nan, acme_high=np.nan,
+                    ade=np.nan, ade_low=np.nan, ade_high=np.nan, note="no variation to model")
+    outcome = sm.GLM.from_formula("correct ~ treat + m", df, family=sm.families.Binomial())
+    mediator = sm.OLS.from_formula("m ~ treat", df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = Mediation(outcome, mediator, "treat", "m").fit(method="parametric", n_rep=sims, rng=seed).summary()
+    acme, ade = res.loc["ACME (average)"], res.loc["ADE (average)"]
+    return dict(model=model, perturbation=perturbation, acme=acme["Estimate"], acme_low=acme["Lower CI bound"],
+                acme_high=acme["Upper CI bound"], ade=ade["Estimate"], ade_low=ade["Lower CI bound"],
+                ade_high=ade["Upper CI bound"], note="")
+
+
+def decomposition(effects_table: pd.DataFrame, model: str) -> dict:
+    """Which part of the segment carries an effect (from chapter 4's rows): slot contents (swap,
+    markers kept, K kept), the boundary markers (markers only vs the segment dropped) and the
+    segment's length (K halved or doubled)."""
+    t = effects_table[effects_table["model"] == model].set_index("condition")
+
+    def get(c):
+        return t.loc[c, "diff"] if c in t.index else np.nan
+
+    return dict(model=model, contents=get("swap/generate"), markers_only=get("markers/generate"),
+                drop=get("drop/generate"), markers=get("drop/generate") - get("markers/generate"),
+                length_half=get("k_half/generate"), length_double=get("k_double/generate"))
+
+
+
+
+def agree(sm: dict, patch) -> bool | None:
+    """Do the two estimates agree: both intervals exclude zero with the same sign, or both hold it?"""
+    if sm.get("acme") is None or np.isnan(sm.get("acme", np.nan)):
+        return None
+    a = 0 if sm["acme_low"] <= 0 <= sm["acme_high"] else np.sign(sm["acme"])
+    b = 0 if patch["nie_low"] <= 0 <= patch["nie_high"] else np.sign(patch["nie"])
+    return bool(a == b)
+
+
+def summary_text(table: pd.DataFrame, perturbation: str = "mask_evidence") -> str:
+    """One line per model: the indirect and direct effects of masking the evidence on accuracy."""
+    from ..zoo.recipes import KINDS
+    from .report import ci, p
+
+    lines = []
+    t = table[(table["perturbation"] == perturbation) & (table["outcome"] == "correct")]
+    for r in t.itertuples(index=False):
+        pm = "" if np.isnan(r.pm) else f", proportion mediated {ci(r.pm, r.pm_low, r.pm_high)}"
+        lines.append(f"* **{r.model}** ({KINDS.get(r.model, 'other')}): masking the evidence changes accuracy by "
+                     f"{ci(r.te, r.te_low, r.te_high, signed=True)} in total; through the latents "
+                     f"{ci(r.nie, r.nie_low, r.nie_high, signed=True)} (sign test p_holm {p(r.p_nie_holm)}), around "
+                     f"them {ci(r.nde, r.nde_low, r.nde_high, signed=True)}{pm} (n = {r.n}).")
+    return "\n".join(lines)
