@@ -173,7 +173,7 @@ def load_states(run: Run, items: list[Item]) -> dict:
 
 def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], models: list[str],
                     derived_models: list[str], seed: int = 0, device: str = "cpu", n_splits: int = P.N_SPLITS,
-                    progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                    tasks=P.TASKS, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Chapter 5 on `models` (the derived-question probe on `derived_models`, those with latent
     slots): returns the states rows, the derived rows and the probe rows, from the store."""
     store, towers = ResultsStore(store_dir), Towers()
@@ -185,7 +185,7 @@ def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], 
         states = store.run(m, h, _params("states", items, seed))
         derived = store.run(m, h, _params("derived", items, seed)) if m in derived_models else None
         probes = store.run(m, h, _params("probes", items, seed, n_splits=n_splits, C=P.C_REG, version=VERSION,
-                                         states=states.key))
+                                         tasks=[t.name for t in tasks], states=states.key))
         need_derived = derived is not None and bool(derived.missing([(f"{i}|same", c) for i in ids
                                                                      for c in D.CONDITIONS]))
         if states.missing([(i, "clean") for i in ids]) or need_derived:
@@ -195,7 +195,7 @@ def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], 
             if need_derived:
                 derived.add(derived_rows(r, items, clean, towers, seed))
         have = pd.Series([row["condition"] for row in probes.rows()], dtype=object).value_counts().to_dict()
-        for _, rows in P.probe_rows(load_states(states, items), seed, n_splits, have=have):
+        for _, rows in P.probe_rows(load_states(states, items), seed, n_splits, tasks=tasks, have=have):
             probes.add(rows)
         frames["states"].append(states.frame())
         frames["probes"].append(probes.frame())
