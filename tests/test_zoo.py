@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
 def test_registry_has_every_method_with_its_spec_and_k():
     assert zoo.METHODS == ("base", "direct", "capimagine", "monet-style", "lvr-style", "mirage-style",
                            "positive-control", "negative-control", "grounded-closed", "lvr-closed")
-    assert set(zoo.KINDS) == set(zoo.METHODS)
+    assert set(zoo.KINDS) == set(zoo.SPECS) == set(zoo.METHODS) | set(zoo.DOSE_METHODS)
     assert all(zoo.SPECS[m].after_segment == "segment" for m in zoo.METHODS if zoo.KINDS[m].endswith("closed"))
     k = {m: zoo.SPECS[m].n_latents for m in zoo.METHODS}
     assert (k["monet-style"], k["lvr-style"], k["mirage-style"]) == (10, 8, 4)

@@ -69,6 +69,11 @@ def donors(families: list[str], seed: int = 0) -> np.ndarray:
     return out
 
 
+def latent_keys(forms=("generate", "replay"), names=LATENT) -> list[str]:
+    """The store's condition names of `latent_conditions` (without running anything)."""
+    return [f"{n}/{f}" for n in names for f in forms if not (f == "replay" and n not in REPLAYABLE)]
+
+
 def latent_conditions(clean: list, families: list[str], forms=("generate", "replay"),
                       seed: int = 0, names=LATENT) -> list[Condition]:
     """Chapter 4's latent interventions for one model, from its clean traces (donors, the mean,

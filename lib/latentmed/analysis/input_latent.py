@@ -75,9 +75,11 @@ def run_input_study(root: str | Path, store_dir: str | Path, qs: list, models: l
     conds = input_conditions(qs, seed)
     for m in tqdm(models, desc="models", disable=not progress):
         folder = Path(root) / m
-        r = LatentReasoner.from_pretrained(folder, device=device)
         run = store.run(m, model_hash(folder), dict(chapter=3, items=[q.id for q in qs], seed=seed))
-        measure(r, qs, conds, run, decode_config(r), record=[RECORD], keep=summaries(r.ids.image), progress=progress)
+        if run.missing([(q.id, k) for q in qs for k in ["clean"] + [c.key for c in conds]]):
+            r = LatentReasoner.from_pretrained(folder, device=device)
+            measure(r, qs, conds, run, decode_config(r), record=[RECORD], keep=summaries(r.ids.image),
+                    progress=progress)
         frames.append(run.frame().assign(run_key=run.key))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

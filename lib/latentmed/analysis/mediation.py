@@ -64,25 +64,28 @@ def mixed_conditions(perturb: Condition, clean: list, pert: list) -> list[Condit
 
 def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: list[str],
                   perturbations=PERTURBATIONS, seed: int = 0, device: str = "cpu", progress: bool = False,
-                  chapter: int = 6) -> pd.DataFrame:
-    """The four runs of every (model, item, perturbation), stored; returns their rows."""
+                  chapter: int = 6, overrides: dict | None = None, suffix: str = "") -> pd.DataFrame:
+    """The four runs of every (model, item, perturbation), stored; returns their rows (`overrides`
+    and `suffix` as in `study.run_latent_study`). A model whose rows are all stored is not loaded."""
     store = ResultsStore(store_dir)
     base = {c.name: c for c in C.input_conditions(qs, seed)}
     frames = []
     for m in tqdm(models, desc="models", disable=not progress):
         folder = Path(root) / m
-        r = LatentReasoner.from_pretrained(folder, device=device)
-        run = store.run(m, model_hash(folder), dict(chapter=chapter, items=[q.id for q in qs], seed=seed,
-                                                    perturbations=list(perturbations)))
-        cfg = decode_config(r)
-        prompts = [r.prompt(q) for q in qs]
-        clean = measure(r, qs, [], run, cfg)
-        for p in perturbations:
-            keys = [(q.id, f"{p}:{k}/generate") for q in qs for k in ("xp_zxp", "x_zxp", "xp_zx")]
-            if not run.missing(keys):
-                continue
-            pert = perturbed_runs(r, prompts, base[p], cfg)
-            measure(r, qs, mixed_conditions(base[p], clean, pert), run, cfg, clean=clean, keep=latents)
+        run = store.run(m + suffix, model_hash(folder), dict(chapter=chapter, items=[q.id for q in qs], seed=seed,
+                                                             perturbations=list(perturbations),
+                                                             overrides=overrides or {}))
+        keys = [(q.id, "clean") for q in qs] + [(q.id, f"{p}:{k}/generate") for p in perturbations for q in qs
+                                                for k in ("xp_zxp", "x_zxp", "xp_zx")]
+        if run.missing(keys):
+            r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
+            cfg = decode_config(r)
+            prompts = [r.prompt(q) for q in qs]
+            clean = measure(r, qs, [], run, cfg)
+            for p in perturbations:
+                if run.missing([k for k in keys if k[1].startswith(f"{p}:")]):
+                    pert = perturbed_runs(r, prompts, base[p], cfg)
+                    measure(r, qs, mixed_conditions(base[p], clean, pert), run, cfg, clean=clean, keep=latents)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -62,20 +62,26 @@ def latent_models(root: str | Path, names) -> list[str]:
 
 
 def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], models: list[str],
-                     forms=("generate", "replay"), seed: int = 0, device: str = "cpu",
-                     progress: bool = False) -> pd.DataFrame:
-    """Chapter 4: every latent condition on every model, rows in the store; returns them."""
+                     forms=("generate", "replay"), seed: int = 0, device: str = "cpu", progress: bool = False,
+                     overrides: dict | None = None, suffix: str = "", names=C.LATENT) -> pd.DataFrame:
+    """Chapter 4: every latent condition on every model, rows in the store; returns them.
+    `overrides` change the spec at inference (e.g. after_segment="all": the bottleneck open); the
+    rows are then stored under the model's name plus `suffix`. A model whose rows are all stored
+    is not loaded."""
     store = ResultsStore(store_dir)
     frames = []
+    keys = ["clean"] + C.latent_keys(forms, names)
     for m in tqdm(models, desc="models", disable=not progress):
         folder = Path(root) / m
-        r = LatentReasoner.from_pretrained(folder, device=device)
-        params = dict(chapter=4, items=[q.id for q in qs], seed=seed, forms=list(forms))
-        run = store.run(m, model_hash(folder), params)
-        cfg = decode_config(r)
-        clean = clean_runs(r, [r.prompt(q) for q in qs], cfg)
-        conds = C.latent_conditions(clean, [q.family for q in qs], forms, seed)
-        measure(r, qs, conds, run, cfg, clean=clean, progress=progress)
+        params = dict(chapter=4, items=[q.id for q in qs], seed=seed, forms=list(forms), overrides=overrides or {},
+                      **({} if tuple(names) == C.LATENT else {"conditions": list(names)}))
+        run = store.run(m + suffix, model_hash(folder), params)
+        if run.missing([(q.id, k) for q in qs for k in keys]):
+            r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
+            cfg = decode_config(r)
+            clean = clean_runs(r, [r.prompt(q) for q in qs], cfg)
+            conds = C.latent_conditions(clean, [q.family for q in qs], forms, seed, names)
+            measure(r, qs, conds, run, cfg, clean=clean, progress=progress)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

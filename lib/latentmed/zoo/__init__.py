@@ -41,7 +41,8 @@ from .build import (
            train_zoo,
            training_times,
 )
-from .recipes import BASE, BUDGETS, FINE_TUNES, KINDS, METHODS, SPECS, method_stages, settings
+from .recipes import (BASE, BUDGETS, DOSE_METHODS, DOSES, FINE_TUNES, KINDS, METHODS, SPECS, method_stages,
+                      settings)
 
-__all__ = ["BASE", "BUDGETS", "FINE_TUNES", "KINDS", "METHODS", "SPECS", "ZOO_FILE", "Zoo", "is_trained", "learning_curves",
+__all__ = ["BASE", "BUDGETS", "DOSES", "DOSE_METHODS", "FINE_TUNES", "KINDS", "METHODS", "SPECS", "ZOO_FILE", "Zoo", "is_trained", "learning_curves",
            "method_stages", "read_info", "settings", "testbed_config", "train_zoo", "training_times"]

@@ -46,8 +46,16 @@ KINDS = {"base": "no segment", "direct": "no segment", "capimagine": "text imagi
          "monet-style": "latent, bypass open", "lvr-style": "latent, bypass open",
          "mirage-style": "latent, bypass open", "positive-control": "control", "negative-control": "control",
          "grounded-closed": "latent, bypass closed", "lvr-closed": "latent, bypass closed"}
-METHODS = tuple(SPECS)  # base first: every other model starts from it
+METHODS = tuple(SPECS)  # base first: every other model starts from it (the main build trains these)
 FINE_TUNES = METHODS[1:]
+# Chapter 10's dose series (trained by its chapter): the grounded-closed recipe with the bottleneck
+# on a share of the training batches; 1.0 is grounded-closed itself. At inference the spec keeps
+# the bottleneck; the chapter also runs each model with it open.
+DOSES = (0.0, 0.25, 0.5, 0.75)
+DOSE_METHODS = tuple(f"dose-{d:.2f}" for d in DOSES)
+for _d, _name in zip(DOSES, DOSE_METHODS):
+    SPECS[_name] = SPECS["grounded-closed"].with_overrides(method=_name)
+    KINDS[_name] = "latent, dose series"
 
 # Budgets: steps per stage (batch 16). "default" is the main build, "ci" a quick check.
 BUDGETS = {
@@ -121,6 +129,9 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
     closed = dict(ground_slots=True, evidence_in="both", **seg, **grounded)
     if name == "grounded-closed":
         return [Stage(Plan(spec, n_latents=spec.n_latents, **closed), cfg("closed", b["closed"]))]
+    if name in DOSE_METHODS:
+        frac = DOSES[DOSE_METHODS.index(name)]
+        return [Stage(Plan(spec, n_latents=spec.n_latents, bottleneck_frac=frac, **closed), cfg("closed", b["closed"]))]
     if name == "lvr-closed":
         return [Stage(Plan(spec, n_latents=spec.n_latents, align="lvr_mse", align_weight=1.0, **closed),
                       cfg("closed", b["closed"]))]
