@@ -207,3 +207,22 @@ def test_the_evaluation_table_reads_back_equal(trained):
     pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
     (root / "eval-test-forced.json").write_text("{damaged")
     assert len(evaluate_zoo(root, per_family=2)) == len(first)  # a damaged key means: compute again
+
+
+def test_parallel_training_gives_the_models_sequential_training_gives(trained, tmp_path):
+    """Two worker processes (one thread each, as the tests run) train the same weights."""
+    import shutil
+
+    from latentmed.files import file_hash
+
+    root, _ = trained
+    par = tmp_path / "par"
+    shutil.copytree(root / "base", par / "base")
+    shutil.copytree(root / "_features", par / "_features")
+    df = zoo.train_zoo(par, budget="ci", config=CFG, progress=False, model_size="test", verbose=False,
+                       methods=["direct", "negative-control", "grounded-closed"], workers=2)
+    assert not df.set_index("model").loc[["direct", "negative-control", "grounded-closed"], "skipped"].any()
+    for m in ("direct", "negative-control", "grounded-closed"):
+        assert file_hash(par / m / "model.safetensors") == file_hash(root / m / "model.safetensors"), m
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        zoo.train_zoo(par, budget="ci", config=CFG, workers=0)

@@ -9,6 +9,7 @@ the weights that checkpoint recorded. Every checkpoint folder is in the real lay
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -170,6 +171,35 @@ class Zoo:
                                          cache_dir=self.root / "_features", progress=self.progress)
         return self.banks[key]
 
+    def is_current(self, name: str) -> bool:
+        """Whether `name` is trained with the settings it would be trained with now."""
+        return is_trained(self.folder(name), self.hash(name))
+
+    def hash(self, name: str) -> str:
+        """The settings hash `name` would be trained with (a fine-tune's includes its base's)."""
+        return self.settings(name)[1]
+
+    def settings(self, name: str, base_folder: Path | None = None) -> tuple[dict, str]:
+        """Everything that defines model `name` here, and its hash."""
+        if name == BASE:
+            s = settings(BASE, self.budget, self.seed, self.config)
+            s["model_size"] = self.model_size
+        else:
+            base = Path(base_folder) if base_folder else self.folder(BASE)
+            base_hash = read_info(base).get("hash") if (base / ZOO_FILE).exists() else "external"
+            s = settings(name, self.budget, self.seed, self.config, base_hash)
+        return s, settings_hash(s)
+
+    def prepare_banks(self, names: list[str]) -> None:
+        """Compute (or load) every feature bank `names` will train on, so workers only read them."""
+        x = checkpoint.load(self.folder(BASE))
+        for name in names:
+            stages = method_stages(name, self.budget, self.seed)
+            kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
+            pool = "pool_pc" if name == "positive-control" else "pool"
+            self.bank(x.model, "train", kinds, pool)
+            self.bank(x.model, "val", kinds)
+
     def runs(self, name: str, h: str, force: bool) -> Path:
         """The resumable training state of model `name` with settings hash `h` (cleared by force)."""
         path = self.root / "_runs" / f"{name}-{h}"
@@ -183,9 +213,7 @@ class Zoo:
     # ------------------------------------------------------------ base
     def train_base(self, force: bool = False) -> dict:
         folder = self.folder(BASE)
-        s = settings(BASE, self.budget, self.seed, self.config)
-        s["model_size"] = self.model_size
-        h = settings_hash(s)
+        s, h = self.settings(BASE)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
         check_replaceable(folder)
@@ -223,10 +251,8 @@ class Zoo:
         if name == BASE:
             return self.train_base(force)
         base_folder = Path(base_folder) if base_folder else self.folder(BASE)
-        base_info = read_info(base_folder) if (base_folder / ZOO_FILE).exists() else {"hash": "external"}
         folder = self.folder(name)
-        s = settings(name, self.budget, self.seed, self.config, base_info.get("hash"))
-        h = settings_hash(s)
+        s, h = self.settings(name, base_folder)
         if not force and is_trained(folder, h):
             return dict(read_info(folder), skipped=True)
         check_replaceable(folder)
@@ -278,29 +304,41 @@ def _start() -> float:
 
 def train_zoo(root: str | Path | None = None, budget: str = "default", methods=None, seed: int = 0,
               force: bool = False, config: TestbedConfig | None = None, progress: bool = True,
-              model_size: str = "testbed", verbose: bool = True):
+              model_size: str = "testbed", verbose: bool = True, workers: int | None = None):
     """Train the base and the methods (skipping what is trained with the same settings).
 
-    Returns a DataFrame: model, seconds (of this run; 0 when skipped), trained_seconds (as
-    recorded when it was trained), skipped, best validation accuracy.
+    The fine-tunes are independent once the base exists: with `workers` > 1 (default: the
+    LATENTMED_WORKERS variable, else 1) they are trained that many at a time in separate
+    processes, each with an equal share of the CPU threads. Returns a DataFrame: model, seconds
+    (of this run; 0 when skipped), trained_seconds (as recorded when it was trained), skipped,
+    best validation accuracy.
     """
     if isinstance(methods, str):
         raise TypeError(f"methods must be a list of method names, got the string {methods!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    workers = int(os.environ.get("LATENTMED_WORKERS", "1")) if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     zoo = Zoo(Path(root) if root else None, budget, seed, config, progress, model_size)
     names = list(methods) if methods else list(METHODS)
     for n in names:
         if n not in SPECS:
-            raise ValueError(f"unknown method {n!r}; known: {', '.join(METHODS)}")
-    if BASE not in names:
-        names = [BASE] + names
+            raise ValueError(f"unknown method {n!r}; known: {', '.join(SPECS)}")
+    rest = [m for m in names if m != BASE]
+    forced = set(methods or METHODS) if force else set()
+    infos = {BASE: _timed(zoo.train_method, BASE, force=BASE in forced)}
+    todo = [m for m in rest if force and m in forced or not zoo.is_current(m)]
+    if workers > 1 and len(todo) > 1:
+        infos.update(_train_parallel(zoo, todo, forced, workers))
+    for n in rest:
+        if n not in infos:
+            infos[n] = _timed(zoo.train_method, n, force=n in forced)
     rows = []
-    for n in [BASE] + [m for m in names if m != BASE]:
-        t0 = time.perf_counter()
-        info = zoo.train_method(n, force=force and n in (methods or METHODS))
+    for n in [BASE] + rest:
+        info, secs = infos[n]
         last = info["stages"][-1]
-        rows.append(dict(model=n, seconds=round(time.perf_counter() - t0, 1), trained_seconds=info["seconds"],
+        rows.append(dict(model=n, seconds=secs, trained_seconds=info["seconds"],
                          skipped=info.get("skipped", False), best_val=last.get("best_val")))
         if verbose:
             done = (f"reused (trained earlier in {info['seconds']:.0f} s with the same settings)" if info.get("skipped")
@@ -309,11 +347,42 @@ def train_zoo(root: str | Path | None = None, budget: str = "default", methods=N
     return pd.DataFrame(rows)
 
 
+def _timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, round(time.perf_counter() - t0, 1)
+
+
+def _train_parallel(zoo: "Zoo", names: list[str], forced: set, workers: int) -> dict:
+    """Train `names` (fine-tunes of the existing base) `workers` at a time in spawned processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    zoo.prepare_banks(names)  # computed once here, read from the cache by every worker
+    threads = max(1, torch.get_num_threads() // workers)
+    args = dict(root=str(zoo.root), budget=zoo.budget, seed=zoo.seed, config=zoo.config.to_dict(),
+                model_size=zoo.model_size, threads=threads)
+    out = {}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+        futures = {n: ex.submit(_train_in_worker, n, n in forced, **args) for n in names}
+        for n, f in futures.items():
+            out[n] = f.result()
+    return out
+
+
+def _train_in_worker(name: str, force: bool, root: str, budget: str, seed: int, config: dict, model_size: str,
+                     threads: int):
+    """One fine-tune in a worker process (its own thread count, no progress bars)."""
+    torch.set_num_threads(threads)
+    zoo = Zoo(Path(root), budget, seed, TestbedConfig.from_dict(config), progress=False, model_size=model_size)
+    return _timed(zoo.train_method, name, force=force)
+
+
 def training_times(root: str | Path | None = None) -> "pd.DataFrame":
     """Per trained model: training seconds (as recorded), stages, steps, best validation accuracy."""
     root = Path(root) if root else models_dir() / "zoo"
     rows = []
-    for m in METHODS:
+    for m in SPECS:
         if (root / m / ZOO_FILE).exists():
             info = read_info(root / m)
             stages = info["stages"]
