@@ -49,12 +49,6 @@ class Condition:
         return self.name if self.name == "clean" else f"{self.name}/{self.form}"
 
 
-def fixed(name: str, ivs, form: str = "generate") -> Condition:
-    """A condition that applies the same interventions to every item."""
-    ivs = as_interventions(ivs)
-    return Condition(name, lambda i: ivs, form)
-
-
 def outcome(answer: int | None, res) -> dict:
     """Outcome fields of a trace or a replay result against the right option `answer`."""
     lp = res.answer_logprobs

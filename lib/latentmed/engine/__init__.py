@@ -12,8 +12,8 @@ from .decode import DecodeConfig
 from .query import Query
 from .reasoner import LatentReasoner
 from .spec import LatentSpec, preset
-from .sweep import naive_sweep, shared_sweep, sweep_instances
+from .sweep import naive_sweep, shared_sweep, sweep_many
 from .trace import Segment, Trace
 
 __all__ = ["DecodeConfig", "LatentReasoner", "LatentSpec", "Query", "Segment", "Trace", "naive_sweep", "preset",
-           "shared_sweep", "sweep_instances"]
+           "shared_sweep", "sweep_many"]

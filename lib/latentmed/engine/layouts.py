@@ -41,7 +41,6 @@ control's degraded image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from PIL import Image
 
@@ -162,19 +161,6 @@ def degrade(image: Image.Image, side: int = DEGRADE_PX) -> Image.Image:
 def evidence_crop(item) -> Image.Image:
     """The evidence crop (Monet's auxiliary image, Mirage's helper image, the positive control)."""
     return _require(item, "crop", "this method uses the evidence crop")
-
-
-@dataclass(frozen=True)
-class Conventions:
-    """Machine-readable summary of the position conventions above."""
-
-    prompt_ends_with: str = "last key word"
-    placement: str = "after_start"
-    answer_predicted_at: str = "last key word: of the prompt (no segment) or restated after the segment"
-    answer_is: str = "option content word, one token, scored over the four option tokens"
-
-
-CONVENTIONS = Conventions()
 
 
 def testbed_spec(spec, **overrides):

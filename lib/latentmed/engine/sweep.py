@@ -58,13 +58,6 @@ def shared_sweep(reasoner, inputs, variants, config: DecodeConfig | None = None,
     return out
 
 
-def sweep_instances(reasoner, prompts, variants, config: DecodeConfig | None = None, **kw):
-    """Shared-work sweep over many instances: yields (instance index, traces) as they finish."""
-    cfg = config_of(config, kw)
-    for i, p in enumerate(prompts):
-        yield i, shared_sweep(reasoner, p, variants, cfg)
-
-
 def sweep_many(reasoner, prompts: list, per_prompt: list[list], config: DecodeConfig | None = None,
                batch_size: int = 16, **kw) -> list[list[Trace]]:
     """Shared work across instances too: `per_prompt[i]` is the list of variants of prompt i.

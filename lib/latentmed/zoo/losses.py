@@ -93,14 +93,6 @@ def lvr_targets(bank: FeatureBank, batch: Batch, K: int, grid: int, stats: Stats
     return tgt, mask
 
 
-def trivial_baselines(tgt: torch.Tensor, mask: torch.Tensor) -> dict:
-    """MSE of predicting zero and the mean target (what an alignment loss must beat)."""
-    t = tgt[mask]
-    if t.numel() == 0:
-        return {"mse_zero": float("nan"), "mse_mean": float("nan")}
-    return {"mse_zero": float(t.pow(2).mean()), "mse_mean": float((t - t.mean(0)).pow(2).mean())}
-
-
 def alignment_loss(model, tok, plan, batch, out, bank, idx, stats, grid, teacher, teacher_plan):
     K, s0 = batch.n_latents, batch.slot_start
     if plan.align == "lvr_mse":  # LVR: regress latents onto (standardised) evidence-cell tokens
