@@ -7,30 +7,29 @@
 (b) Loop overhead: the same plain-text greedy generation with our loop and with HF `generate`.
 
 Writes JSON to benchmarks/results/engine-<device>.json (kept in the repo) (device, versions, date, numbers).
-Run: .venv/bin/python benchmarks/bench_engine.py --help
+Run: .venv/bin/python benchmarks/bench_engine.py --help (or as part of `.venv/bin/python -m benchmarks`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 from PIL import Image, ImageDraw
 
-from latentmed.engine import interventions as I
-from latentmed.engine.reasoner import LatentReasoner
-from latentmed.paths import ROOT
-from latentmed.engine.sweep import naive_sweep, shared_sweep
-from latentmed.engine.tiny import make_tiny_checkpoint
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from latentmed.engine import interventions as I  # noqa: E402
+from latentmed.engine.reasoner import LatentReasoner  # noqa: E402
+from latentmed.engine.sweep import naive_sweep, shared_sweep  # noqa: E402
+from latentmed.engine.tiny import make_tiny_checkpoint  # noqa: E402
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 
@@ -49,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gen-tokens", type=int, default=64, help="tokens in the overhead test (default: 64)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default: 5)")
     ap.add_argument("--out", default=None, help="output JSON (default: benchmarks/results/engine-<device>.json)")
+    ap.add_argument("--no-write", action="store_true", help="return the result without writing it")
     return ap.parse_args(argv)
 
 
@@ -140,41 +140,22 @@ def bench_overhead(path: Path, args) -> dict:
                 tokens_equal=a == b[:len(a)] and len(a) == n)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
-    return dict(device=args.device, device_name=dev, threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), git_commit=commit)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else make_tiny_checkpoint(Path(tmp) / "ckpt", size=args.size)
-        result = dict(**provenance(args), model=args.model or f"tiny random ({args.size})",
+        result = dict(benchmark="engine", **common.provenance(args.device),
+                      model=args.model or f"tiny random ({args.size})",
                       sweep=bench_sweep(path, args), loop_overhead=bench_overhead(path, args))
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"engine-{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     s, o = result["sweep"], result["loop_overhead"]
+    result["outputs_equal"] = bool(s["outputs_equal"] and o["tokens_equal"])
+    common.finish(result)
     print(f"sweep: shared-work {s['ratio']:.1f}x faster than naive (outputs equal: {s['outputs_equal']})")
     print(f"loop: ours / HF generate = {o['ratio']:.3f} (tokens equal: {o['tokens_equal']})")
-    print(f"wrote {out}")
+    if not args.no_write:
+        out = common.write_result(result, "engine", args.device, path=args.out)
+        print(f"wrote {common.rel(out)}")
     return result
 
 
