@@ -50,12 +50,21 @@ def run_sweep(r, cfg, prompts: list, pools: list[list], ms=(1, 4, 16, 64), repea
                    ratio_shared_range=res["ratios"]["naive/shared"], ratio_many_range=res["ratios"]["naive/many"],
                    runs_per_s={k: n / res[k]["best_s"] for k in ways},
                    equal_shared=eq_shared, equal_many=eq_many, outputs_equal=eq_shared["equal"] and eq_many["equal"],
-                   distinct_outputs=len({tuple(t.generated_ids) for t in flat["naive"]}))
+                   distinct_outputs=distinct(flat["naive"]))
         rows.append(row)
         if progress:
             log(f"sweep M={m:3d}: naive/shared {row['ratio_shared']:.1f}x, naive/many {row['ratio_many']:.1f}x "
                 f"(equal: {row['outputs_equal']}, {time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def distinct(traces) -> int:
+    """How many different outcomes the runs gave (tokens and last-step option log-probs to 3
+    decimals): more than one means the interventions really changed something."""
+    def key(t):
+        lp = t.step_option_logprobs
+        return tuple(t.generated_ids), () if lp is None or not len(lp) else tuple(round(float(x), 3) for x in lp[-1])
+    return len({key(t) for t in traces})
 
 
 def main(args) -> dict:

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from . import common
+from . import common, gpu
 from .common import log
 
 CPU_BENCHMARKS = ("engine", "sweep", "study", "loop", "train", "scaling")
@@ -101,6 +101,19 @@ def run_one(name: str, args) -> dict:
     return importlib.import_module(f"benchmarks.{module}").main(args)
 
 
+def record_not_run(reason: str, args) -> None:
+    """gpu-cuda.json saying the GPU figures were not taken here (a real GPU result is kept)."""
+    path = common.result_path("gpu", "cuda", args.out)
+    if path.exists():
+        import json
+
+        if json.loads(path.read_text()).get("status") == "run":
+            log(f"kept {common.rel(path)}: it holds figures from a GPU run")
+            return
+    common.write_result(gpu.not_run(reason), "gpu", "cuda", args.out)
+    log(f"wrote {common.rel(path)} (status: not run)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -116,6 +129,11 @@ def main(argv=None) -> int:
         log(f"--- {name}")
         try:
             result = run_one(name, args)
+        except gpu.NoCuda as exc:  # refused: say so, and record it unless a real GPU result is there
+            log(f"{name}: REFUSED: {exc}")
+            record_not_run(str(exc), args)
+            failed.append(name)
+            continue
         except Exception as exc:  # one benchmark failing must not lose the others' results
             traceback.print_exc()
             log(f"{name}: FAILED ({type(exc).__name__}: {exc})")
@@ -131,6 +149,8 @@ def main(argv=None) -> int:
         log(f"{name}: wrote {common.rel(path)} in {result['wall_s']:.0f} s")
         if result.get("outputs_equal") is False:
             unequal.append(name)
+        if result.get("status") == "failed":
+            failed.append(name)
     if failed or unequal:
         log(f"FAILED: {', '.join(failed) or 'none'}; outputs differ: {', '.join(unequal) or 'none'}")
         return 1

@@ -1,0 +1,137 @@
+"""(e) The main command end to end, stage by stage, from empty data and model folders.
+
+`python -m benchmarks --main` clones the repository's HEAD into a temporary folder, points
+LATENTMED_DATA / MODELS / RESULTS at empty temporary folders and runs `bash scripts/build.sh`
+there (`--main-env fresh`: the clone installs its own .venv, as on a new machine, and that time
+is the environment stage; `reuse`: this checkout's .venv runs the clone's code through
+PYTHONPATH, and the environment stage is only the check). Every line the build prints is
+timestamped as it arrives; the stages are read from them:
+
+    environment   "[env] ready in N s" (else: until the build's first own line)
+    data          "[testbed] done in N s"
+    each model    "[zoo] <name>: trained in N s", and the seconds each zoo.json records
+    each chapter  from its "[book] executing <chapter>" line to the next chapter's (or the end)
+    book build    "[html] done in N s"
+
+It takes tens of minutes on 2 cores; when the 1-minute load average is above `--main-max-load`
+the run is refused and the result says why (a build timed under another job's load is noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import common
+from .common import ROOT, log
+
+DONE = re.compile(r"^\[(env|testbed|train|notebooks|html)\] (?:done|ready) in ([0-9.]+) s")
+MODEL = re.compile(r"^\[zoo\] (\S+): trained in ([0-9.]+) s")
+CHAPTER = re.compile(r"^\[book\] executing (\S+)")
+
+
+def parse(lines: list[tuple[float, str]], total: float) -> dict:
+    """Stages from (seconds since start, line) pairs of a build's output (see the module docstring)."""
+    done, models, chapters = {}, [], []
+    first_own = next((t for t, ln in lines if ln.startswith("[") and not ln.startswith("[env]")), None)
+    for t, ln in lines:
+        ln = ln.strip()
+        if m := DONE.match(ln):
+            done[m.group(1)] = float(m.group(2))
+        elif m := MODEL.match(ln):
+            models.append(dict(stage=f"model {m.group(1)}", kind="model", seconds=float(m.group(2))))
+        elif m := CHAPTER.match(ln):
+            chapters.append([m.group(1), t])
+    ends = [t for _, t in chapters[1:]]
+    nb_end = next((t for t, ln in lines if ln.startswith("[notebooks] done")), None)
+    ends.append(nb_end if nb_end is not None else total)
+    stages = [dict(stage="environment", kind="environment",
+                   seconds=done.get("env", first_own if first_own is not None else 0.0))]
+    if "testbed" in done:
+        stages.append(dict(stage="data (testbed)", kind="data", seconds=done["testbed"]))
+    stages += models
+    trained = sum(m["seconds"] for m in models)
+    if "train" in done and done["train"] - trained > 1:
+        stages.append(dict(stage="train: feature banks and the rest", kind="model", seconds=done["train"] - trained))
+    stages += [dict(stage=f"chapter {name}", kind="chapter", seconds=end - start)
+               for (name, start), end in zip(chapters, ends)]
+    if "html" in done:
+        stages.append(dict(stage="book build (HTML)", kind="book", seconds=done["html"]))
+    return dict(stages=stages, totals={k: v for k, v in done.items()}, total_s=total)
+
+
+def zoo_seconds(models_dir: Path) -> dict:
+    """Training seconds each model's zoo.json records (the zoo and any model a chapter trained)."""
+    out = {}
+    for f in sorted(Path(models_dir).rglob("zoo.json")):
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(info, dict) and "seconds" in info:
+            out[str(f.parent.relative_to(models_dir))] = info["seconds"]
+    return out
+
+
+def run_build(repo: Path, env: dict, args: list[str], log_file: Path) -> tuple[int, list[tuple[float, str]], float]:
+    """`bash scripts/build.sh ARGS` in `repo`; every output line with the seconds since start."""
+    t0 = time.perf_counter()
+    lines = []
+    with open(log_file, "w") as f:
+        proc = subprocess.Popen(["bash", "scripts/build.sh", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for ln in proc.stdout:
+            t = time.perf_counter() - t0
+            lines.append((t, ln.rstrip("\n")))
+            f.write(f"{t:9.1f} {ln}")
+            if ln.startswith("["):
+                log(f"main +{t:6.0f} s: {ln.rstrip()}")
+        rc = proc.wait()
+    return rc, lines, time.perf_counter() - t0
+
+
+def main(args) -> dict:
+    result = dict(benchmark="main", **common.provenance("cpu"), env_mode=args.main_env, profile=args.main_profile)
+    load1 = (common.load_average() or [0.0])[0]
+    if load1 > args.main_max_load:
+        log(f"main: not run: load average {load1} > {args.main_max_load}")
+        result.update(status="not run", reason=f"1-minute load average {load1} above --main-max-load "
+                      f"{args.main_max_load} on {os.cpu_count()} cores: other jobs would dominate the timing",
+                      stages=[], outputs_equal=None)
+        return common.finish(result)
+    tmp = Path(tempfile.mkdtemp(prefix="latentmed-main-"))
+    keep_log = ROOT / "build" / "bench" / "main-build.log"
+    keep_log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        repo = tmp / "repo"
+        subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(repo)], check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTMED_")}
+        env.update(LATENTMED_DATA=str(tmp / "data"), LATENTMED_MODELS=str(tmp / "models"),
+                   LATENTMED_RESULTS=str(tmp / "results"), PYTHONUNBUFFERED="1")
+        if args.main_env == "reuse":
+            (repo / ".venv").symlink_to(ROOT / ".venv")
+            env["PYTHONPATH"] = str(repo / "lib")
+        log(f"main: bash scripts/build.sh in a clone of {commit[:10]} ({args.main_env} environment, "
+            f"{args.main_profile} profile), data and models in empty temporary folders")
+        rc, lines, total = run_build(repo, env, ["--profile", args.main_profile], tmp / "build.log")
+        shutil.copy(tmp / "build.log", keep_log)
+        parsed = parse(lines, total)
+        result.update(status="run" if rc == 0 else "failed", exit_code=rc, build_commit=commit, **parsed,
+                      zoo_json_seconds=zoo_seconds(tmp / "models"), log=common.rel(keep_log),
+                      log_tail=[ln for _, ln in lines[-40:]] if rc else [], outputs_equal=None)
+        log(f"main: exit {rc} after {total / 60:.1f} min")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return common.finish(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as: .venv/bin/python -m benchmarks --only main")
