@@ -321,10 +321,10 @@ def run_capimagine(root: str | Path, store_dir: str | Path, items: list, model: 
 
 def latent_rows(root: str | Path, store_dir: str | Path, queries: list, models: list[str], seed: int = 0,
                 device: str = "cpu", progress: bool = False) -> pd.DataFrame:
-    """Chapter 4's rows of `models` on these queries: read from the store when chapter 4 stored
-    them with the same items and seed, else run through `study.run_latent_study` (which stores
-    them for chapter 4 too)."""
-    from . import conditions as C
+    """Chapter 4's rows of `models` on these queries (column `source`): read from the store when
+    chapter 4 stored them with the same items and seed, else run through `study.run_latent_study`
+    (which stores them for chapter 4 too). Where that run fails, the matched conditions alone are
+    measured the same way into a chapter-7 run, and `source` names the failure."""
     from .study import model_hash, run_latent_study
 
     store = ResultsStore(store_dir)
@@ -332,13 +332,40 @@ def latent_rows(root: str | Path, store_dir: str | Path, queries: list, models: 
     for m in models:
         params = dict(chapter=4, items=[q.id for q in queries], seed=seed, forms=list(CH4_FORMS))
         run = store.run(m, model_hash(Path(root) / m), params)
-        wanted = [(q.id, "clean") for q in queries] + [(q.id, f"{c}/{f}") for c in C.LATENT for f in CH4_FORMS
-                                                       if f == "generate" or c in C.REPLAYABLE for q in queries]
-        if run.missing(wanted):
-            frames.append(run_latent_study(root, store_dir, queries, [m], CH4_FORMS, seed, device, progress))
-        else:
-            frames.append(run.frame())
+        wanted = [(q.id, c) for q in queries for c in ["clean"] + [f"{x}/{LATENT_FORM}" for x in LATENT_MATCHED]]
+        if not run.missing(wanted):
+            frames.append(run.frame().assign(source="chapter 4"))
+            continue
+        try:
+            frames.append(run_latent_study(root, store_dir, queries, [m], CH4_FORMS, seed, device, progress)
+                          .assign(source="chapter 4"))
+        except (ValueError, RuntimeError) as exc:
+            why = f"chapter 7 (chapter 4's run failed: {type(exc).__name__}: {exc})"
+            frames.append(_matched_rows(root, store, queries, m, seed, device, progress).assign(source=why))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+LATENT_MATCHED = tuple(c for _, _, c in MATCHES if c)
+
+
+def _matched_rows(root, store: ResultsStore, queries: list, m: str, seed: int, device: str, progress: bool):
+    """The matched latent conditions of one model ("generate" form), measured as chapter 4 measures
+    them, into a chapter-7 run of the store."""
+    from ..engine.reasoner import LatentReasoner
+    from ..zoo.evaluate import decode_config
+    from . import conditions as C
+    from .measure import clean_runs, measure
+    from .study import model_hash
+
+    folder = Path(root) / m
+    run = store.run(m, model_hash(folder), dict(chapter=7, part="matched latent conditions", seed=seed,
+                                                items=[q.id for q in queries], conditions=list(LATENT_MATCHED)))
+    r = LatentReasoner.from_pretrained(folder, device=device)
+    cfg = decode_config(r)
+    clean = clean_runs(r, [r.prompt(q) for q in queries], cfg)
+    conds = C.latent_conditions(clean, [q.family for q in queries], (LATENT_FORM,), seed, names=LATENT_MATCHED)
+    measure(r, queries, conds, run, cfg, clean=clean, progress=progress)
+    return run.frame()
 
 
 # ---- analysis -----------------------------------------------------------------------------------------
