@@ -57,6 +57,7 @@ CHAPTERS = [
     Chapter("06_mediation", ci_params=dict(small_run=True, statsmodels_reps=20),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
     Chapter("08_real", ci_params=dict(demo=True)),
+    Chapter("09_performance"),  # renders the committed benchmark results (benchmarks/results); runs nothing heavy
     Chapter("10_dose", ci_params=dict(small_run=True),
             inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),  # real track: renders a GPU run's results folder
 ]
