@@ -279,3 +279,14 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_ckpt, tmp_path):
     metrics = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["losses"]) == 2
     assert metrics["backend"] == "gloo" or torch.cuda.is_available()
+
+
+def test_the_learning_rate_follows_warmup_stable_cosine_decay():
+    import math
+
+    c = loop.StageConfig("x", 100, lr=2.0, warmup=10, decay_start=0.6, min_lr_frac=0.05)
+    assert loop.lr_at(c, 9) == pytest.approx(2.0) and loop.lr_at(c, 0) < 0.5  # warmed up by step 10
+    assert loop.lr_at(c, 30) == loop.lr_at(c, 59) == pytest.approx(2.0)  # stable until 60 % of the steps
+    for step in (60, 75, 90, 99):  # cosine from lr down to 5 % of it over the last 40 steps
+        frac = (step + 1 - 60) / 40
+        assert loop.lr_at(c, step) == pytest.approx(2.0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import functools
 import math
 import os
 import time
@@ -81,14 +82,24 @@ def _validate(c: StageConfig) -> None:
         bad("keep_best", "must be True or False")
 
 
+@functools.lru_cache(maxsize=64)
+def _schedule(cfg: StageConfig):
+    """transformers' warmup-stable-decay schedule (cosine decay to `min_lr_frac`) as a function
+    of the step; built once per stage on a throwaway optimizer."""
+    from transformers import get_wsd_schedule
+
+    warmup = min(cfg.warmup, cfg.steps)
+    start = max(warmup, int(cfg.decay_start * cfg.steps))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_wsd_schedule(opt, num_warmup_steps=warmup, num_stable_steps=start - warmup,
+                             num_decay_steps=max(1, cfg.steps - start), min_lr_ratio=cfg.min_lr_frac)
+    return sched.lr_lambdas[0]
+
+
 def lr_at(cfg: StageConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    start = int(cfg.decay_start * cfg.steps)
-    if step < start or cfg.steps <= start:
-        return cfg.lr
-    frac = (step - start) / max(1, cfg.steps - start)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+    """The learning rate of step `step` (0-based): linear warmup over `warmup` steps, constant until
+    `decay_start` of the steps, then cosine decay to `min_lr_frac` of `lr`."""
+    return cfg.lr * _schedule(cfg)(step + 1)
 
 
 class SimulatedKill(RuntimeError):
