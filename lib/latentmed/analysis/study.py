@@ -25,6 +25,17 @@ from . import conditions as C
 from .measure import clean_runs, measure
 
 LATENT_KINDS = ("latent", "control")
+# Test items per family each study chapter runs on at default settings (None: the whole split),
+# and in a small (CI) run; the scorecard reads the same runs back.
+ITEMS = {3: 100, 4: 100, 6: 100, 10: 100}
+CI_ITEMS = 5
+
+
+def items_per_family(chapter: int, small_run: bool = False, given: int | None = None) -> int | None:
+    """A chapter's items per family: the parameter when given, else its default (or the CI size)."""
+    if given is not None:
+        return given
+    return CI_ITEMS if small_run else ITEMS[chapter]
 
 
 def model_hash(folder: str | Path) -> str:
