@@ -371,3 +371,21 @@ def test_replay_many_equals_one_replay_at_a_time(latent_setup, images):
         one = r.replay(t, e)
         assert got.ids == one.ids and got.answer_index == one.answer_index
         torch.testing.assert_close(got.step_option_logprobs, one.step_option_logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_segment_without_an_end_marker_ends_after_its_last_slot(load, images):
+    """LVR's quota ends a segment with no end marker: the positions after its last slot are
+    "after the segment" for the attention rules, in decoding and in replay."""
+    r = load("lvr", n_latents=3)
+    p = r.build_inputs(images[0], "What colour?", OPTIONS)
+    rec = I.Record(hooks=["blocks.1.attn.hook_pattern"], positions="all")
+    ko = I.Knockout(query="after_segment", key="latents")
+    t = r.generate(p, [ko, rec], max_new_tokens=8, force_latent=True)
+    seg = t.segments[0]
+    assert seg.end is None and seg.ended == "quota" and len(seg.slots) == 3
+    for res in (t, r.replay(t, [ko, rec])):
+        pat, where = res.records["blocks.1.attn.hook_pattern"], res.record_positions["blocks.1.attn.hook_pattern"]
+        after = [j for j, q in enumerate(where) if q > max(seg.slots)]
+        assert after and float(pat[after][..., seg.slots].sum()) < 1e-6
+        slot_rows = [j for j, q in enumerate(where) if q in seg.slots[1:]]
+        assert float(pat[slot_rows][..., seg.slots[0]].sum()) > 0  # the slots themselves still see each other

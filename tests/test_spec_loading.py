@@ -171,3 +171,33 @@ def test_lvr_head_without_weights_is_an_error(ckpt_copy):
     edit_json(ckpt_copy / "config.json", lvr_head=True)
     with pytest.raises(ValueError, match=f"{ckpt_copy}: config.json asks for lvr_head but no lvr_head"):
         LatentReasoner.from_pretrained(ckpt_copy, method="lvr")
+
+
+# Every field of every preset, against the released code as the survey reads it
+# (shared/reference/latent-reasoners-code-survey.md): a plausible slip in any of them fails here.
+PRESET_FIELDS = {
+    "monet": dict(start_token="<abs_vis_token>", end_token="</abs_vis_token>", pad_token=None,
+                  placement="overwrite_start", n_latents=10, max_latents=0, end_rule="force_after_k", head=None,
+                  answer_format="boxed", max_segments=None, option_tokens="letter", template="chat",
+                  latent_source="hidden", after_segment="all"),
+    "monet-sft": dict(start_token="<abs_vis_token>", end_token="</abs_vis_token>", pad_token="<abs_vis_token_pad>",
+                      placement="after_start", n_latents=10, end_rule="force_after_k", answer_format="boxed"),
+    "lvr": dict(start_token="<|lvr_start|>", end_token="<|lvr_end|>", pad_token=None, placement="after_start",
+                n_latents=8, end_rule="after_k_sample", head=None, head_on_first=False, answer_format="answer_tag",
+                max_segments=None),
+    "mirage": dict(start_token="<|latent_start|>", end_token="<|latent_end|>", pad_token="<|latent_pad|>",
+                   placement="after_start", n_latents=4, max_latents=8, end_rule="model_or_cap", answer_format="boxed",
+                   max_segments=1),
+    "capimagine": dict(start_token="<imagine>", end_token="</imagine>", placement="text", end_rule="model_or_cap",
+                       answer_format="boxed", max_segments=1),
+    "direct": dict(placement="none", answer_format="letter", start_token=None, end_token=None),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PRESET_FIELDS))
+def test_every_preset_field(method):
+    p = PRESETS[method]
+    for field, want in PRESET_FIELDS[method].items():
+        assert getattr(p, field) == want, (method, field)
+    assert p.k_target == (p.max_latents if p.end_rule == "model_or_cap" else p.n_latents)
+    assert ("MONET" not in (p.system_prompt or "")) and (p.system_prompt is not None) == (method in ("monet", "monet-sft", "capimagine"))

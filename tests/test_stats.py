@@ -95,3 +95,22 @@ def test_paired_comparisons_report_difference_intervals_and_holm():
     d, lo, hi = stats.paired_difference(x, y)
     assert out.loc[0, ["diff", "diff_low", "diff_high"]].tolist() == pytest.approx([d, lo, hi])
     assert out.loc[0, "p_holm"] == pytest.approx(out.loc[0, "p_value"])
+
+
+def test_mcnemar_switches_from_exact_to_corrected_chi_square_at_25_discordant_pairs():
+    import numpy as np
+    import scipy.stats as sps
+
+    from latentmed.analysis.stats import mcnemar_paired
+
+    def pairs(a_only, b_only, both=10):
+        a = np.array([1] * a_only + [0] * b_only + [1] * both, bool)
+        b = np.array([0] * a_only + [1] * b_only + [1] * both, bool)
+        return a, b
+
+    r24 = mcnemar_paired(*pairs(16, 8))
+    assert r24["exact"] and r24["p_value"] == pytest.approx(sps.binomtest(8, 24, 0.5).pvalue)
+    r25 = mcnemar_paired(*pairs(17, 8))
+    chi2 = (abs(17 - 8) - 1) ** 2 / 25  # the continuity-corrected statistic
+    assert not r25["exact"] and r25["statistic"] == pytest.approx(chi2)
+    assert r25["p_value"] == pytest.approx(sps.chi2.sf(chi2, 1))
