@@ -61,6 +61,7 @@ def loop_vs_generate(r, prompt, n: int, repeats: int = 5, device: str = "cpu") -
     return dict(new_tokens=n, prompt_tokens=int(ids.shape[1]), ours=res["ours"], hf_generate=res["hf"],
                 ratio=res["ours"]["best_s"] / res["hf"]["best_s"],
                 ratio_range=[1 / x for x in res["ratios"]["hf/ours"]][::-1],
+                ratio_cpu=res["ours"]["cpu_best_s"] / res["hf"]["cpu_best_s"],
                 ours_tokens_per_s=n / res["ours"]["best_s"], hf_tokens_per_s=n / res["hf"]["best_s"],
                 tokens_equal=a == b and len(a) == n, outputs_equal=a == b and len(a) == n)
 
@@ -76,7 +77,8 @@ def main(args) -> dict:
     r = LatentReasoner.from_pretrained(root / model, device=args.device)
     q = workload.queries(root, 1)[0]
     row = loop_vs_generate(r, r.prompt(q), args.gen_tokens, args.repeats + 2, args.device)
-    log(f"loop: ours / HF generate = {row['ratio']:.3f} (tokens equal: {row['tokens_equal']})")
+    log(f"loop: ours / HF generate = {row['ratio']:.3f} (CPU time {row['ratio_cpu']:.3f}; tokens equal: "
+        f"{row['tokens_equal']})")
     result.update(zoo=workload.zoo_info(root), model=model, item=q.id, **row,
                   setting=dict(batch=1, greedy=True, eos="banned in both (LM-head hook)", image=True))
     return common.finish(result)

@@ -8,11 +8,13 @@ Three axes, each from a trained latent zoo model under the forced protocol:
 * interventions per instance M (one instance): `shared_sweep` against `naive_sweep`;
 * latent steps K (one instance, M = 16: `ChangeK(K)` with a latent edit each): the same two.
 
-Per point: best time of `--scaling-repeats`, time per measurement, the peak memory the call
+Per point: best wall and CPU time of `--scaling-repeats` (the process's CPU time: one thread, so
+it is the work done, and other jobs on a shared machine inflate it far less than wall time; the
+curves and fits use it), CPU time per measurement, the peak memory the call
 added (RSS sampled every 2 ms by a thread, on CPU; the allocator's peak on CUDA) and the KV
 cache the rows hold at the end (computed from the shapes). The naive loop is measured up to
 `--naive-max` runs per point (beyond that it is linear by construction and is not run). Per
-axis: a least-squares line through the fast way's times (slope, intercept, R^2), the marginal
+axis and way: a least-squares line through the CPU times (slope, intercept, R^2), the marginal
 cost between points, and the knee: the smallest x whose time per measurement is within 25% of
 the lowest one measured (past it, adding work no longer amortises the fixed costs).
 """
@@ -140,8 +142,7 @@ def run_axis(axis: str, xs, r, cfg, prompts, pools, repeats: int, naive_max: int
             slow = lambda: naive_sweep(r, p, v, c)  # noqa: E731
             runs, rows = len(v), len(v)
         f = measure_point(fast, repeats, device)
-        point = dict(x=x, runs=runs, fast_s=f["time"]["best_s"], fast_spread=f["time"]["spread"],
-                     fast_peak_mb=f["peak_mb"], fast_ms_per_run=1000 * f["time"]["best_s"] / runs)
+        point = dict(x=x, runs=runs, **_way("fast", f, runs))
         traces = f["output"] if axis != "instances" else [t for per in f["output"] for t in per]
         seq = max(len(t.prompt_ids) + len(t.generated_ids) for t in traces)
         point["kv_cache_mb"] = kv_cache_mb(r, rows, seq)
@@ -150,16 +151,27 @@ def run_axis(axis: str, xs, r, cfg, prompts, pools, repeats: int, naive_max: int
             s = measure_point(slow, max(1, repeats - 1), device)
             slow_traces = s["output"] if axis != "instances" else [t for per in s["output"] for t in per]
             eq = common.compare_traces(traces, slow_traces)
-            point.update(naive_s=s["time"]["best_s"], naive_spread=s["time"]["spread"], naive_peak_mb=s["peak_mb"],
-                         naive_ms_per_run=1000 * s["time"]["best_s"] / runs, ratio=s["time"]["best_s"] / f["time"]["best_s"],
+            point.update(**_way("naive", s, runs), ratio=s["time"]["best_s"] / f["time"]["best_s"],
+                         ratio_cpu=s["time"]["cpu_best_s"] / f["time"]["cpu_best_s"],
                          outputs_equal=eq["equal"], max_logprob_diff=eq["max_logprob_diff"])
         points.append(point)
-        log(f"scaling {axis}={x}: fast {point['fast_ms_per_run']:.1f} ms/run, peak +{point['fast_peak_mb']:.0f} MB"
-            + (f", naive {point['naive_ms_per_run']:.1f} ms/run ({point['ratio']:.1f}x, equal {point['outputs_equal']})"
-               if "naive_s" in point else ", naive not run"))
+        log(f"scaling {axis}={x}: fast {point['fast_ms_per_run']:.1f} CPU ms/run, peak +{point['fast_peak_mb']:.0f} MB"
+            + (f", naive {point['naive_ms_per_run']:.1f} CPU ms/run ({point['ratio_cpu']:.1f}x CPU, "
+               f"{point['ratio']:.1f}x wall; equal {point['outputs_equal']})" if "naive_s" in point else ", naive not run"))
     naive = [p for p in points if "naive_s" in p]
-    return dict(axis=axis, points=points, fast_fit=fit([p["x"] for p in points], [p["fast_s"] for p in points]),
-                naive_fit=fit([p["x"] for p in naive], [p["naive_s"] for p in naive]))
+    return dict(axis=axis, points=points,
+                fast_fit=fit([p["x"] for p in points], [p["fast_cpu_s"] for p in points]),
+                naive_fit=fit([p["x"] for p in naive], [p["naive_cpu_s"] for p in naive]),
+                fast_wall_fit=fit([p["x"] for p in points], [p["fast_s"] for p in points]),
+                naive_wall_fit=fit([p["x"] for p in naive], [p["naive_s"] for p in naive]))
+
+
+def _way(name: str, m: dict, runs: int) -> dict:
+    """A way's fields at one point: wall and CPU seconds (best), spread, per run (CPU), peak memory."""
+    t = m["time"]
+    return {f"{name}_s": t["best_s"], f"{name}_cpu_s": t["cpu_best_s"], f"{name}_spread": t["spread"],
+            f"{name}_ms_per_run": 1000 * t["cpu_best_s"] / runs, f"{name}_wall_ms_per_run": 1000 * t["best_s"] / runs,
+            f"{name}_peak_mb": m["peak_mb"]}
 
 
 def main(args) -> dict:

@@ -57,13 +57,11 @@ def fast_study(root: Path, qs: list, model: str, store_dir: Path, device: str = 
     """`run_latent_study` on one model into `store_dir`: rows and the time split."""
     from latentmed.analysis import study
 
-    with instrument() as spent:
-        t0 = time.perf_counter()
+    with instrument() as spent, common.Clock(device) as c:
         df = study.run_latent_study(root, store_dir, qs, [model], seed=0, device=device)
-        total = time.perf_counter() - t0
     rows = df.to_dict("records")
-    return rows, dict(total_s=total, sweep_many_s=spent["sweep_many"], replay_many_s=spent["replay_many"],
-                      other_s=total - spent["sweep_many"] - spent["replay_many"])
+    return rows, dict(total_s=c.wall, cpu_s=c.cpu, sweep_many_s=spent["sweep_many"], replay_many_s=spent["replay_many"],
+                      other_s=c.wall - spent["sweep_many"] - spent["replay_many"])
 
 
 def naive_study(root: Path, qs: list, model: str, device: str = "cpu") -> tuple[list[dict], dict]:
@@ -73,7 +71,7 @@ def naive_study(root: Path, qs: list, model: str, device: str = "cpu") -> tuple[
     from latentmed.engine.decode import generate
     from latentmed.engine.replay import replay
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r, cfg = workload.load(root, model, device)
     prompts = [r.prompt(q) for q in qs]
     answers = [p.query.answer for p in prompts]
@@ -94,7 +92,7 @@ def naive_study(root: Path, qs: list, model: str, device: str = "cpu") -> tuple[
         else:
             rep_s += time.perf_counter() - t
     total = time.perf_counter() - t0
-    return rows, dict(total_s=total, load_s=t1 - t0, clean_s=t2 - t1, generate_s=gen_s, replay_s=rep_s)
+    return rows, dict(total_s=total, cpu_s=time.process_time() - c0, load_s=t1 - t0, clean_s=t2 - t1, generate_s=gen_s, replay_s=rep_s)
 
 
 def run_study(root: Path, qs: list, models: list[str], repeats: int = 2, device: str = "cpu",
@@ -102,7 +100,7 @@ def run_study(root: Path, qs: list, models: list[str], repeats: int = 2, device:
     """Fast and naive, interleaved per model; one row per model."""
     out = []
     for m in models:
-        fast_t, naive_t, fast_rows, naive_rows, splits = [], [], None, None, []
+        fast_t, naive_t, fast_c, naive_c, fast_rows, naive_rows, splits = [], [], [], [], None, None, []
         for rep in range(repeats):
             tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
             try:
@@ -110,15 +108,18 @@ def run_study(root: Path, qs: list, models: list[str], repeats: int = 2, device:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             fast_t.append(split["total_s"])
+            fast_c.append(split["cpu_s"])
             splits.append(split)
             naive_rows, nsplit = naive_study(root, qs, m, device)
             naive_t.append(nsplit["total_s"])
+            naive_c.append(nsplit["cpu_s"])
         for row in fast_rows:
             row["model"] = m
         eq = common.compare_rows(fast_rows, naive_rows)
         n = len(fast_rows)
         best = min(range(repeats), key=lambda i: fast_t[i])
-        row = dict(model=m, items=len(qs), measurements=n, fast=common.stats(fast_t), naive=common.stats(naive_t),
+        row = dict(model=m, items=len(qs), measurements=n, fast=common.stats(fast_t, fast_c),
+                   naive=common.stats(naive_t, naive_c), ratio_cpu=min(naive_c) / min(fast_c),
                    fast_split=splits[best], naive_split=nsplit,
                    fast_per_s=n / min(fast_t), naive_per_s=n / min(naive_t), ratio=min(naive_t) / min(fast_t),
                    ratio_range=[min(b / a for a, b in zip(fast_t, naive_t)), max(b / a for a, b in zip(fast_t, naive_t))],
@@ -126,7 +127,7 @@ def run_study(root: Path, qs: list, models: list[str], repeats: int = 2, device:
         out.append(row)
         if progress:
             log(f"study {m}: {n} measurements, run_latent_study {row['fast_per_s']:.1f}/s, naive "
-                f"{row['naive_per_s']:.1f}/s: {row['ratio']:.1f}x (equal: {eq['equal']}, max diff "
+                f"{row['naive_per_s']:.1f}/s: {row['ratio']:.1f}x (CPU time {row['ratio_cpu']:.1f}x; equal: {eq['equal']}, max diff "
                 f"{eq['max_logprob_diff']:.1e})")
     return out
 
@@ -143,6 +144,8 @@ def main(args) -> dict:
     n_fast = sum(x["measurements"] for x in rows)
     t_fast = sum(x["fast"]["best_s"] for x in rows)
     t_naive = sum(x["naive"]["best_s"] for x in rows)
+    c_fast = sum(x["fast"]["cpu_best_s"] for x in rows)
+    c_naive = sum(x["naive"]["cpu_best_s"] for x in rows)
     from latentmed.testbed import TestbedConfig
     from latentmed import zoo as Z
 
@@ -155,9 +158,12 @@ def main(args) -> dict:
                                measurements_per_item=per_item, repeats=args.study_repeats, protocol="forced"),
                   rows=rows,
                   total=dict(measurements=n_fast, fast_s=t_fast, naive_s=t_naive, fast_per_s=n_fast / t_fast,
-                             naive_per_s=n_fast / t_naive, ratio=t_naive / t_fast),
+                             naive_per_s=n_fast / t_naive, ratio=t_naive / t_fast, fast_cpu_s=c_fast,
+                             naive_cpu_s=c_naive, ratio_cpu=c_naive / c_fast),
                   full_grid=dict(models=len(models), items=full_items, measurements=full,
                                  fast_s_estimate=full / (n_fast / t_fast), naive_s_estimate=full / (n_fast / t_naive),
+                                 fast_cpu_s_estimate=full / (n_fast / c_fast),
+                                 naive_cpu_s_estimate=full / (n_fast / c_naive),
                                  note="extrapolated from the subset's measurements per second"),
                   outputs_equal=all(x["outputs_equal"] for x in rows))
     return common.finish(result)

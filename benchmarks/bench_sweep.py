@@ -48,12 +48,17 @@ def run_sweep(r, cfg, prompts: list, pools: list[list], ms=(1, 4, 16, 64), repea
                    ratio_shared=res["naive"]["best_s"] / res["shared"]["best_s"],
                    ratio_many=res["naive"]["best_s"] / res["many"]["best_s"],
                    ratio_shared_range=res["ratios"]["naive/shared"], ratio_many_range=res["ratios"]["naive/many"],
+                   ratio_shared_cpu=res["naive"]["cpu_best_s"] / res["shared"]["cpu_best_s"],
+                   ratio_many_cpu=res["naive"]["cpu_best_s"] / res["many"]["cpu_best_s"],
+                   ratio_shared_cpu_range=res["cpu_ratios"]["naive/shared"],
+                   ratio_many_cpu_range=res["cpu_ratios"]["naive/many"],
                    runs_per_s={k: n / res[k]["best_s"] for k in ways},
                    equal_shared=eq_shared, equal_many=eq_many, outputs_equal=eq_shared["equal"] and eq_many["equal"],
                    distinct_outputs=distinct(flat["naive"]))
         rows.append(row)
         if progress:
-            log(f"sweep M={m:3d}: naive/shared {row['ratio_shared']:.1f}x, naive/many {row['ratio_many']:.1f}x "
+            log(f"sweep M={m:3d}: naive/shared {row['ratio_shared']:.1f}x (CPU time {row['ratio_shared_cpu']:.1f}x), "
+                f"naive/many {row['ratio_many']:.1f}x (CPU time {row['ratio_many_cpu']:.1f}x) "
                 f"(equal: {row['outputs_equal']}, {time.perf_counter() - t0:.0f} s)")
     return rows
 

@@ -7,6 +7,8 @@ from the loop's own per-step clock (curves.csv). The base's vision stage is time
 Banks of `--train-pool` items per family (tower tokens, computed once) stand in for the budget's
 pool: a step's cost does not depend on the pool's size.
 
+The rate is wall-clock; `cpu_samples_per_s` is the same from the process's CPU time over the
+whole stage (warm-up and the final checkpoint included), which a loaded machine inflates less.
 Per method, the rate of every stage and the estimate of its training time at the default budget
 (steps / rate, per stage) are recorded beside the seconds its zoo.json records for the real
 training: the difference is validation, checkpoints and feature banks.
@@ -63,10 +65,12 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
         teacher = done.get(st.teacher) if st.teacher else None
         tplan = next((s.plan for s in stages if s.cfg.name == st.teacher), None) if st.teacher else None
         run = tmp / f"{method}-{st.cfg.name}"
-        train_stage(model, tok, st.plan, bank, None, cfg, run, teacher=teacher, teacher_plan=tplan, constant=constant,
-                    progress=False)
+        with common.Clock() as c:
+            train_stage(model, tok, st.plan, bank, None, cfg, run, teacher=teacher, teacher_plan=tplan,
+                        constant=constant, progress=False)
         rate, dt = _rate(run / "curves.csv", warmup, cfg.batch_size)
         rows.append(dict(stage=st.cfg.name, samples_per_s=rate, steps_timed=steps, seconds_timed=dt,
+                         cpu_samples_per_s=cfg.steps * cfg.batch_size / c.cpu,
                          batch=cfg.batch_size, budget_steps=st.cfg.steps, teacher=st.teacher,
                          est_budget_s=st.cfg.steps * cfg.batch_size / rate))
         if any(s.teacher == st.cfg.name for s in stages):
@@ -91,10 +95,12 @@ def vision_rate(root: Path, steps: int, warmup: int, tmp: Path) -> dict:
     model = checkpoint.load(root / "base").model
     cfg = StageConfig("vision", warmup + steps, batch_size=16, lr=3e-3, warmup=5, eval_every=10**9, save_every=10**9,
                       keep_best=False)
-    vision_stage(model, config, cfg, tmp / "vision", progress=False)
+    with common.Clock() as c:
+        vision_stage(model, config, cfg, tmp / "vision", progress=False)
     rate, dt = _rate(tmp / "vision" / "curves.csv", warmup, cfg.batch_size)
     budget = BUDGETS["default"]["vision"]
     return dict(stage="vision", samples_per_s=rate, steps_timed=steps, seconds_timed=dt, batch=16,
+                cpu_samples_per_s=cfg.steps * 16 / c.cpu,
                 budget_steps=budget, teacher=None, est_budget_s=budget * 16 / rate)
 
 
@@ -117,7 +123,9 @@ def main(args) -> dict:
             secs = sum(s["seconds_timed"] for s in stages)
             est = sum(s["est_budget_s"] for s in stages)
             rec = info["models"].get(m, {}).get("seconds") if info["budget"] == "default" else None
-            out.append(dict(method=m, samples_per_s=samples / secs, stages=stages, est_budget_s=est,
+            cpu_rate = sum(s["steps_timed"] for s in stages) / sum(s["steps_timed"] / s["cpu_samples_per_s"] for s in stages)
+            out.append(dict(method=m, samples_per_s=samples / secs, cpu_samples_per_s=cpu_rate, stages=stages,
+                            est_budget_s=est,
                             recorded_s=rec, loop_share=est / rec if rec else None))
             per = " | ".join(f"{s['stage']} {s['samples_per_s']:.0f}" for s in stages)
             log(f"train {m}: {samples / secs:.1f} samples/s ({per}); "

@@ -50,7 +50,8 @@ def scaling_frame(result: dict) -> pd.DataFrame:
         for p in ax["points"]:
             for way in ("fast", "naive"):
                 if f"{way}_s" in p:
-                    rows.append(dict(axis=ax["axis"], x=p["x"], way=WAYS[way], runs=p["runs"], seconds=p[f"{way}_s"],
+                    rows.append(dict(axis=ax["axis"], x=p["x"], way=WAYS[way], runs=p["runs"],
+                                     cpu_seconds=p[f"{way}_cpu_s"], wall_seconds=p[f"{way}_s"],
                                      ms_per_run=p[f"{way}_ms_per_run"], peak_mb=p[f"{way}_peak_mb"],
                                      kv_cache_mb=p["kv_cache_mb"] if way == "fast" else None))
     return pd.DataFrame(rows)
@@ -82,13 +83,13 @@ def _per_axis(df: pd.DataFrame, y: str, title: str, log_y: bool = True) -> alt.H
 
 
 def scaling_time_chart(result: dict) -> alt.HConcatChart:
-    return _per_axis(scaling_frame(result), "seconds", "seconds (best)").properties(
+    return _per_axis(scaling_frame(result), "cpu_seconds", "CPU seconds (best)").properties(
         title=f"Cost as the work grows ({result['model']}, {result['device_name']})")
 
 
 def scaling_unit_chart(result: dict) -> alt.HConcatChart:
-    return _per_axis(scaling_frame(result), "ms_per_run", "ms per measurement").properties(
-        title="Cost per measurement")
+    return _per_axis(scaling_frame(result), "ms_per_run", "CPU ms per measurement").properties(
+        title="Cost per measurement (CPU time)")
 
 
 def memory_frame(result: dict) -> pd.DataFrame:

@@ -111,11 +111,35 @@ def sync(device: str = "cpu") -> None:
         torch.cuda.synchronize()
 
 
-def stats(times: list[float]) -> dict:
-    """Best, median, max and spread ((max - min) / best) of repeated timings."""
+def stats(times: list[float], cpu: list[float] | None = None) -> dict:
+    """Best, median, max and spread ((max - min) / best) of repeated wall-clock timings, and the
+    same of the process's CPU time when given (with one thread, CPU time is the work done: other
+    jobs on a shared machine inflate wall time far more than CPU time)."""
     best = min(times)
-    return dict(best_s=best, median_s=statistics.median(times), max_s=max(times),
-                spread=(max(times) - best) / best if best > 0 else 0.0, n=len(times), all_s=list(times))
+    out = dict(best_s=best, median_s=statistics.median(times), max_s=max(times),
+               spread=(max(times) - best) / best if best > 0 else 0.0, n=len(times), all_s=list(times))
+    if cpu:
+        cb = min(cpu)
+        out.update(cpu_best_s=cb, cpu_median_s=statistics.median(cpu), cpu_spread=(max(cpu) - cb) / cb if cb > 0 else 0.0,
+                   cpu_all_s=list(cpu))
+    return out
+
+
+class Clock:
+    """Wall and process CPU time of one block (`with Clock() as c: ...; c.wall, c.cpu`)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        return False
 
 
 def timed(fn, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> tuple[dict, object]:
@@ -123,36 +147,39 @@ def timed(fn, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> tuple[d
     out = None
     for _ in range(warmup):
         out = fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return stats(times), out
+        with Clock(device) as c:
+            out = fn()
+        times.append(c.wall)
+        cpu.append(c.cpu)
+    return stats(times, cpu), out
 
 
 def interleaved(ways: dict, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> dict:
     """Every way once per repeat, in turn (so drifting load hits all alike): stats per way, the
-    range of the per-repeat ratios of the last way (the baseline) to each other, and the last
-    outputs of each way."""
+    range of the per-repeat ratios of the last way (the baseline) to each other (wall and CPU
+    time), and the last outputs of each way."""
     for _ in range(warmup):
         for fn in ways.values():
             fn()
     times = {k: [] for k in ways}
+    cpu = {k: [] for k in ways}
     outs = {}
     for _ in range(repeats):
         for k, fn in ways.items():
-            sync(device)
-            t0 = time.perf_counter()
-            outs[k] = fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
+            with Clock(device) as c:
+                outs[k] = fn()
+            times[k].append(c.wall)
+            cpu[k].append(c.cpu)
     base = list(ways)[-1]
-    ratios = {f"{base}/{k}": [min(b / a for a, b in zip(times[k], times[base])),
-                              max(b / a for a, b in zip(times[k], times[base]))] for k in ways if k != base}
-    return {**{k: stats(v) for k, v in times.items()}, "ratios": ratios, "outputs": outs}
+
+    def rng(t, k):
+        pair = [b / a for a, b in zip(t[k], t[base])]
+        return [min(pair), max(pair)]
+
+    return {**{k: stats(times[k], cpu[k]) for k in ways}, "ratios": {f"{base}/{k}": rng(times, k) for k in ways if k != base},
+            "cpu_ratios": {f"{base}/{k}": rng(cpu, k) for k in ways if k != base}, "outputs": outs}
 
 
 # ---------------------------------------------------------------- equality checks

@@ -121,7 +121,12 @@ def main(args) -> dict:
             env["PYTHONPATH"] = str(repo / "lib")
         log(f"main: bash scripts/build.sh in a clone of {commit[:10]} ({args.main_env} environment, "
             f"{args.main_profile} profile), data and models in empty temporary folders")
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         rc, lines, total = run_build(repo, env, ["--profile", args.main_profile], tmp / "build.log")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         shutil.copy(tmp / "build.log", keep_log)
         parsed = parse(lines, total)
         result.update(status="run" if rc == 0 else "failed", exit_code=rc, build_commit=commit, **parsed,

@@ -51,6 +51,7 @@ def sweep_table(r: dict) -> pd.DataFrame:
                               shared_range=f"{x['ratio_shared_range'][0]:.1f}-{x['ratio_shared_range'][1]:.1f}",
                               naive_over_many=x["ratio_many"],
                               many_range=f"{x['ratio_many_range'][0]:.1f}-{x['ratio_many_range'][1]:.1f}",
+                              cpu_naive_over_shared=x.get("ratio_shared_cpu"), cpu_naive_over_many=x.get("ratio_many_cpu"),
                               max_logprob_diff=max(x["equal_shared"]["max_logprob_diff"],
                                                    x["equal_many"]["max_logprob_diff"]),
                               outputs_equal=x["outputs_equal"]) for x in r["rows"]])
@@ -58,7 +59,7 @@ def sweep_table(r: dict) -> pd.DataFrame:
 
 def study_table(r: dict) -> pd.DataFrame:
     return pd.DataFrame([dict(model=x["model"], measurements=x["measurements"], study_per_s=x["fast_per_s"],
-                              naive_per_s=x["naive_per_s"], ratio=x["ratio"],
+                              naive_per_s=x["naive_per_s"], ratio=x["ratio"], cpu_ratio=x.get("ratio_cpu"),
                               ratio_range=f"{x['ratio_range'][0]:.1f}-{x['ratio_range'][1]:.1f}",
                               in_sweep_many_s=x["fast_split"]["sweep_many_s"],
                               in_replay_many_s=x["fast_split"]["replay_many_s"], other_s=x["fast_split"]["other_s"],
@@ -74,6 +75,7 @@ def loop_table(loop: dict | None, engine: dict | None) -> pd.DataFrame:
         rows.append(dict(model=f"zoo {loop['model']} (trained)", prompt_tokens=loop["prompt_tokens"],
                          new_tokens=loop["new_tokens"], ours_ms=1000 * loop["ours"]["best_s"],
                          hf_generate_ms=1000 * loop["hf_generate"]["best_s"], ours_over_hf=loop["ratio"],
+                         cpu_ours_over_hf=loop.get("ratio_cpu"),
                          range=f"{loop['ratio_range'][0]:.2f}-{loop['ratio_range'][1]:.2f}",
                          tokens_equal=loop["tokens_equal"]))
     if engine:
@@ -87,6 +89,7 @@ def loop_table(loop: dict | None, engine: dict | None) -> pd.DataFrame:
 
 def train_table(r: dict) -> pd.DataFrame:
     return pd.DataFrame([dict(method=m["method"], samples_per_s=m["samples_per_s"],
+                              cpu_samples_per_s=m.get("cpu_samples_per_s"),
                               stages=" | ".join(f"{s['stage']} {s['samples_per_s']:.0f}" for s in m["stages"]),
                               steps_at_default_budget=sum(s["budget_steps"] for s in m["stages"]),
                               est_step_seconds=m["est_budget_s"], recorded_seconds=m["recorded_s"],
@@ -105,6 +108,7 @@ def main_table(r: dict) -> pd.DataFrame:
 def sweep_text(r: dict) -> str:
     by_m = {x["m"]: x for x in r["rows"]}
     parts = [f"M = {m}: {x['ratio_shared']:.1f}x per instance, {x['ratio_many']:.1f}x over the instances"
+             + (f" (CPU time: {x['ratio_shared_cpu']:.1f}x and {x['ratio_many_cpu']:.1f}x)" if "ratio_shared_cpu" in x else "")
              for m, x in sorted(by_m.items())]
     eq = "equal in every run" if r["outputs_equal"] else "**not equal in some runs** (see the table)"
     return (f"On {r['model']} (K = {r['setting']['k']}, forced protocol), the shared-work sweep against every "
@@ -116,7 +120,7 @@ def study_text(r: dict) -> str:
     return (f"Chapter 4's grid on {len(r['models'])} models x {r['rows'][0]['items']} items x "
             f"{r['setting']['measurements_per_item']} measurements: `run_latent_study` makes "
             f"{t['fast_per_s']:.1f} measurements/s, every run alone {t['naive_per_s']:.1f}/s "
-            f"(**{t['ratio']:.1f}x**). The full grid ({f['models']} models x {f['items']} test items, "
+            f"(**{t['ratio']:.1f}x**" + (f"; {t['ratio_cpu']:.1f}x in CPU time" if "ratio_cpu" in t else "") + "). The full grid ({f['models']} models x {f['items']} test items, "
             f"{f['measurements']:,} measurements) would take about {f['fast_s_estimate'] / 60:.0f} min through the "
             f"study and {f['naive_s_estimate'] / 60:.0f} min naively at these rates "
             f"({'outputs equal' if r['outputs_equal'] else '**outputs differ**'}).")
@@ -131,8 +135,8 @@ def scaling_text(r: dict) -> str:
         per = [p["fast_ms_per_run"] for p in pts]
         mem = [p["fast_peak_mb"] for p in pts]
         s = (f"* **{names[ax['axis']]}** ({pts[0]['x']} to {pts[-1]['x']}): shared work costs "
-             f"{per[0]:.1f} ms per measurement at {pts[0]['x']} and {per[-1]:.1f} ms at {pts[-1]['x']}; a line fits "
-             f"its time with R^2 = {f['r2']:.3f} ({1000 * f['slope_s']:.2f} ms per unit)")
+             f"{per[0]:.1f} CPU ms per measurement at {pts[0]['x']} and {per[-1]:.1f} ms at {pts[-1]['x']}; a line fits "
+             f"its CPU time with R^2 = {f['r2']:.3f} ({1000 * f['slope_s']:.2f} ms per unit)")
         if ax["axis"] == "k":
             s += " (each added latent step is one more decode step for all 16 rows)"
         elif f["knee"] is not None:

@@ -285,10 +285,10 @@ def test_chart_tables_carry_the_numbers_of_the_results():
     df = charts.sweep_frame(sweep)
     assert df["ratio"].tolist() == [8.0, 16.0] and df["fast_ms_per_run"].tolist() == pytest.approx([12.5, 6.25])
     scaling = dict(model="m", device_name="cpu", axes=[dict(
-        axis="k", points=[dict(x=2, runs=16, fast_s=0.2, fast_ms_per_run=12.5, fast_peak_mb=3.0, kv_cache_mb=1.0,
-                               naive_s=1.6, naive_ms_per_run=100.0, naive_peak_mb=1.0)],
+        axis="k", points=[dict(x=2, runs=16, fast_s=0.2, fast_cpu_s=0.19, fast_ms_per_run=12.5, fast_peak_mb=3.0,
+                               kv_cache_mb=1.0, naive_s=1.6, naive_cpu_s=1.5, naive_ms_per_run=100.0, naive_peak_mb=1.0)],
         fast_fit=bench_scaling.fit([2], [0.2]), naive_fit=bench_scaling.fit([2], [1.6]))])
     sf = charts.scaling_frame(scaling)
-    assert set(sf["way"]) == set(charts.WAYS.values()) and sf["seconds"].tolist() == [0.2, 1.6]
+    assert set(sf["way"]) == set(charts.WAYS.values()) and sf["cpu_seconds"].tolist() == [0.19, 1.5]
     assert charts.memory_frame(scaling)["peak_mb"].tolist() == [3.0, 1.0, 1.0]
     assert set(charts.charts_of("scaling", scaling)) == {"scaling-time", "scaling-per-run", "scaling-memory"}
