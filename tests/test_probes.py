@@ -78,6 +78,10 @@ def test_the_control_task_maps_each_type_to_one_fixed_random_label():
     other, _ = P.control_labels(types, labels, seed=4, name="x")
     assert np.array_equal(ctrl, again) and not np.array_equal(ctrl, other)
     assert not np.array_equal(ctrl, labels)  # random, not the real task
+    first = {}
+    for t, y in zip(types, labels):
+        first.setdefault(t, int(y))
+    assert sorted(table.values()) == sorted(first.values())  # the real labels' distribution over types
 
 
 @pytest.mark.parametrize("n_classes", [3, 40])  # stratified folds; too few items per class: grouped only
@@ -124,10 +128,12 @@ def test_tasks_label_the_items_facts():
             if lab is not None:
                 assert t.labels[lab] == it.facts[t.fact]
     tokens = np.arange(12, dtype=float).reshape(3, 4)
-    assert P.evidence_vector(tokens, P.TASK["relation"]).tolist() == list(range(8))
-    assert P.evidence_vector(tokens, P.TASK["count"]).tolist() == tokens.sum(0).tolist()
-    assert P.evidence_vector(np.zeros((0, 4)), P.TASK["count"]).tolist() == [0, 0, 0, 0]
-    assert P.evidence_vector(tokens, P.TASK["colour"]).tolist() == [0, 1, 2, 3]
+    assert P.evidence_vector(tokens, P.TASK["relation"], "relpos").tolist() == list(range(8))
+    assert P.evidence_vector(tokens, P.TASK["count"], "count").tolist() == tokens.sum(0).tolist()
+    assert P.evidence_vector(tokens, P.TASK["asked colour"], "count").tolist() == tokens.sum(0).tolist()
+    assert P.evidence_vector(np.zeros((0, 4)), P.TASK["count"], "count").tolist() == [0, 0, 0, 0]
+    assert P.evidence_vector(tokens, P.TASK["asked colour"], "relpos").tolist() == [0, 1, 2, 3]
+    assert P.evidence_vector(tokens, P.TASK["colour"], "attr").tolist() == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- derived questions

@@ -150,14 +150,22 @@ def tests(rows: pd.DataFrame, comparisons=COMPARISONS) -> pd.DataFrame:
     return table
 
 
-def accuracy_wide(acc: pd.DataFrame) -> pd.DataFrame:
-    """One row per model and kind, one column per condition: 'accuracy [Wilson 95% CI]'."""
+def accuracy_wide(acc: pd.DataFrame, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per model and kind, one column per condition: 'accuracy [Wilson 95% CI]', the
+    number of questions, and (given the `rows`) the share of the most common right answer: the
+    accuracy of a text-only reader that always gives it (the related questions' answers are not
+    uniform, so it can beat one in four)."""
     from .report import ci
 
     a = acc.assign(cell=[ci(x, lo, hi) for x, lo, hi in zip(acc["accuracy"], acc["ci_low"], acc["ci_high"])])
     wide = a.pivot_table(index=["model", "kind"], columns="condition", values="cell", aggfunc="first", sort=False)
     n = a.groupby(["model", "kind"], sort=False)["n"].max()
-    return wide.reindex(columns=[c for c in CONDITIONS if c in wide.columns]).assign(n=n).reset_index()
+    wide = wide.reindex(columns=[c for c in CONDITIONS if c in wide.columns]).assign(n=n)
+    if rows is not None:  # a text-only reader that always says the most common right answer
+        common = rows[rows["condition"] == "image"].groupby(["model", "kind"], sort=False)["answer_word"].agg(
+            lambda w: w.value_counts().iloc[0] / len(w))
+        wide = wide.assign(**{"most common answer": common.round(3)})
+    return wide.reset_index()
 
 
 def tests_table(t: pd.DataFrame) -> pd.DataFrame:
@@ -200,12 +208,21 @@ def claims(acc: pd.DataFrame, t: pd.DataFrame, kind: str = "same") -> str:
 def chart(acc: pd.DataFrame, title: str = "") -> alt.Chart:
     """Accuracy per condition (bars, Wilson whiskers) in one panel per model, one row per kind of
     question, with the text-only chance rate dashed."""
-    order = list(pd.unique(acc["model"]))
+    from .probes import model_order
+
+    order = model_order(acc["model"])
     x = alt.X("condition:N", sort=list(CONDITIONS), title=None)
     bars = alt.Chart().mark_bar().encode(x=x, y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
                                          color=alt.Color("condition:N", sort=list(CONDITIONS), legend=None))
-    whisk = alt.Chart().mark_rule(color="black").encode(x=x, y="ci_low:Q", y2="ci_high:Q")
+    whisk = alt.Chart().mark_rule(color="black").encode(x=x, y=alt.Y("ci_low:Q", title="accuracy"), y2="ci_high:Q")
     rule = alt.Chart().mark_rule(color="grey", strokeDash=[4, 3]).encode(y=alt.datum(CHANCE))
     chart = alt.layer(bars, whisk, rule, data=acc).properties(width=110, height=140).facet(
         column=alt.Column("model:N", sort=order, title=None), row=alt.Row("kind:N", sort=list(KINDS), title=None))
     return chart.properties(title=title) if title else chart
+
+
+def describe() -> pd.DataFrame:
+    """The conditions of the derived-question probe, and what the related question asks per family."""
+    rows = [dict(part="condition", name=c, what=WHAT[c]) for c in CONDITIONS]
+    rows += [dict(part="related question", name=f, what=RELATED[f]) for f in ("attr", "relpos", "count", "glyph")]
+    return pd.DataFrame(rows)

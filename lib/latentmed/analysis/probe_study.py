@@ -37,7 +37,7 @@ from .conditions import donors
 from .measure import outcome
 from .study import model_hash
 
-VERSION = 1  # bump when what a probe row means changes (stored rows of another version are not reused)
+VERSION = 2  # bump when what a stored row means changes (rows of another version are not reused)
 RECORD = ("vision.hook_out", "ln_final.hook_normalized")
 
 
@@ -58,21 +58,22 @@ class Towers:
 
     def fill(self, r: LatentReasoner, prompts: list) -> None:
         """Set `features` of every prompt, from the cache or by running the tower once."""
-        sig, todo = self.signature(r), []
+        sig, todo = self.signature(r), {}
         for p in prompts:
             if p.pixel_values is None or p.features is not None:
                 continue
             key = (sig, hashlib.sha1(p.pixel_values.numpy().tobytes()).hexdigest())
-            if key in self.cache:
-                p.features = self.cache[key]
-            else:
-                todo.append((key, p))
-        for s in range(0, len(todo), 32):
-            part = todo[s:s + 32]
+            todo.setdefault(key, []).append(p)
+        new = [(k, ps) for k, ps in todo.items() if k not in self.cache]
+        for s in range(0, len(new), 32):
+            part = new[s:s + 32]
             with torch.inference_mode():
-                r.image_features([p for _, p in part], [[] for _ in part])  # sets p.features
-            for key, p in part:
-                self.cache[key] = p.features
+                r.image_features([ps[0] for _, ps in part], [[] for _ in part])  # sets features
+            for key, ps in part:
+                self.cache[key] = ps[0].features
+        for key, ps in todo.items():
+            for p in ps:
+                p.features = self.cache[key]
 
 
 def _batched(r, prompts, ivs, cfg, batch_size: int = 16) -> list:
@@ -104,7 +105,7 @@ def state_tensors(r: LatentReasoner, trace) -> dict[str, torch.Tensor]:
 
 
 def _params(part: str, items: list[Item], seed: int, **kw) -> dict:
-    return dict(chapter=5, part=part, items=[it.id for it in items], seed=seed, **kw)
+    return dict(chapter=5, part=part, items=[it.id for it in items], seed=seed, version=VERSION, **kw)
 
 
 def store_states(r, items, traces, run: Run, batch: int = 32) -> None:
@@ -146,8 +147,8 @@ def derived_rows(r: LatentReasoner, items: list[Item], clean: list, towers: Towe
         "other": [_swap(z[donor[d.item]], t.k) for d, t in zip(qs, trace)],
     }
     rows, fam = [], {it.id: it.family for it in items}
-    base = [dict(item=d.query.id, source_item=d.item, kind=d.kind, family=d.query.family,
-                 source_family=fam[d.item]) for d in qs]
+    base = [dict(item=d.query.id, source_item=d.item, kind=d.kind, family=d.query.family, source_family=fam[d.item],
+                 answer_word=d.query.options[d.query.answer]) for d in qs]
     rows += [dict(b, condition="image", **outcome(d.query.answer, t)) for b, d, t in zip(base, qs, trace)]
     for cond, e in edits.items():
         res = replay_many(r, trace, e, blank)
@@ -173,10 +174,21 @@ def load_states(run: Run, items: list[Item]) -> dict:
 
 def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], models: list[str],
                     derived_models: list[str], seed: int = 0, device: str = "cpu", n_splits: int = P.N_SPLITS,
-                    tasks=P.TASKS, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                    tasks=P.TASKS, n_jobs: int = 2, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                     pd.DataFrame]:
     """Chapter 5 on `models` (the derived-question probe on `derived_models`, those with latent
-    slots): returns the states rows, the derived rows and the probe rows, from the store."""
-    store, towers = ResultsStore(store_dir), Towers()
+    slots): returns the states rows, the derived rows and the probe rows, from the store. The
+    probes are fitted by `n_jobs` processes (the same numbers with any number)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and more spin next to other jobs
+    try:
+        return _run(root, store_dir, items, models, derived_models, seed, device, n_splits, tasks, n_jobs, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(root, store_dir, items, models, derived_models, seed, device, n_splits, tasks, n_jobs, progress):
+    store, towers, memo = ResultsStore(store_dir), Towers(), {}
     frames: dict[str, list] = {"states": [], "derived": [], "probes": []}
     ids = [it.id for it in items]
     for m in tqdm(models, desc="models", disable=not progress):
@@ -184,7 +196,7 @@ def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], 
         h = model_hash(folder)
         states = store.run(m, h, _params("states", items, seed))
         derived = store.run(m, h, _params("derived", items, seed)) if m in derived_models else None
-        probes = store.run(m, h, _params("probes", items, seed, n_splits=n_splits, C=P.C_REG, version=VERSION,
+        probes = store.run(m, h, _params("probes", items, seed, n_splits=n_splits, C=P.C_REG,
                                          tasks=[t.name for t in tasks], states=states.key))
         need_derived = derived is not None and bool(derived.missing([(f"{i}|same", c) for i in ids
                                                                      for c in D.CONDITIONS]))
@@ -195,10 +207,61 @@ def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], 
             if need_derived:
                 derived.add(derived_rows(r, items, clean, towers, seed))
         have = pd.Series([row["condition"] for row in probes.rows()], dtype=object).value_counts().to_dict()
-        for _, rows in P.probe_rows(load_states(states, items), seed, n_splits, tasks=tasks, have=have):
+        for _, rows in P.probe_rows(load_states(states, items), seed, n_splits, tasks=tasks, have=have, memo=memo,
+                                    n_jobs=n_jobs):
             probes.add(rows)
         frames["states"].append(states.frame())
         frames["probes"].append(probes.frame())
         if derived is not None:
             frames["derived"].append(derived.frame())
     return tuple(pd.concat(f, ignore_index=True) if f else pd.DataFrame() for f in frames.values())
+
+
+# ---------------------------------------------------------------- the chapter's tables
+
+def test_items(config, per_family: int | None = None) -> list[Item]:
+    """The held-out items (the first `per_family` of each family), in `study.queries`' order."""
+    from ..testbed.items import make_item
+
+    return [make_item(config, "test", f, i) for f, n in config.family_counts("test").items()
+            for i in range(n if per_family is None else min(n, per_family))]
+
+
+def clean_accuracy(states: pd.DataFrame) -> pd.DataFrame:
+    """Per model: its accuracy on the probed items (Wilson interval) and its segment's length."""
+    from .report import ci
+    from .stats import wilson
+
+    out = []
+    for m, g in states.groupby("model", sort=False):
+        k, n = int(g["correct"].sum()), len(g)
+        lo, hi = wilson(k, n)
+        out.append({"model": m, "kind": P.kind_of(m), "n": n, "accuracy [Wilson 95% CI]": ci(k / n, lo, hi),
+                    "segment": g["segment"].dropna().iloc[0] if g["segment"].notna().any() else "none",
+                    "mean K": round(float(g["k"].mean()), 2), "K range": f"{int(g['k'].min())}-{int(g['k'].max())}"})
+    return pd.DataFrame(out)
+
+
+def side_by_side(s: pd.DataFrame, acc: pd.DataFrame, tests: pd.DataFrame, rep: str = "mean over steps") -> pd.DataFrame:
+    """One row per model, grouped by kind: each image fact's selectivity from `rep`, and the
+    derived-question probe's accuracy from the latents alone and its difference to another item's
+    latents (same questions)."""
+    from .report import ci, p
+
+    rows = []
+    for m in pd.unique(s["model"]):
+        row = {"kind": P.kind_of(m), "model": m}
+        g = s[(s["model"] == m) & (s["representation"] == rep)].set_index("task")
+        for t in (t.name for t in P.TASKS if t.source == "image"):
+            row[f"{t} selectivity"] = (ci(g.loc[t, "selectivity"], g.loc[t, "sel_low"], g.loc[t, "sel_high"], signed=True)
+                                       if t in g.index else "n/a")
+        a = acc[(acc["model"] == m) & (acc["kind"] == "same") & (acc["condition"] == "latents")]
+        c = tests[(tests["model"] == m) & (tests["kind"] == "same") & (tests["comparison"] == "latents - other")] \
+            if len(tests) else tests
+        row["own question, latents only"] = ci(*a.iloc[0][["accuracy", "ci_low", "ci_high"]]) if len(a) else "n/a"
+        row["own - other latents (McNemar p_holm)"] = (
+            f"{ci(*c.iloc[0][['diff', 'diff_low', 'diff_high']], signed=True)} ({p(c.iloc[0]['p_holm'])})"
+            if len(c) else "n/a")
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("model").loc[P.model_order(s["model"])].reset_index()
+    return out[["kind", "model"] + [c for c in out.columns if c not in ("kind", "model")]]

@@ -8,8 +8,8 @@ folds that never split an item (`folds`), so every item gets one out-of-fold pre
 reported against three baselines on the same items:
 
 * **control task** (Hewitt and Liang 2019): every distinct *object type* (what the queried object
-  is: its facts except where it is, `object_type`) gets one fixed random label, drawn from the
-  task's label distribution (`control_labels`). A probe that memorises types scores well on it;
+  is: its facts except where it is, `object_type`) gets one fixed random label, the types' own
+  labels permuted across types (`control_labels`). A probe that memorises types scores well on it;
   **selectivity** = accuracy - control accuracy says how much of the accuracy the representation,
   not the probe's capacity, explains;
 * **majority**: the training folds' most common label;
@@ -29,6 +29,7 @@ the engine and the results store are in `probe_study`.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -36,11 +37,13 @@ from dataclasses import dataclass
 import altair as alt
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from ..testbed.items import MAX_COUNT, NUMBER_WORDS, RELATIONS
 from ..testbed.scenes import COLOUR_NAMES, SHAPES
@@ -102,13 +105,19 @@ def _seed(seed: int, name: str) -> int:
 
 
 def control_labels(types: list, labels, seed: int = 0, name: str = "") -> tuple[np.ndarray, dict]:
-    """Hewitt and Liang's control task: each distinct type gets one label, drawn (seeded) from the
-    empirical distribution of `labels`; returns every item's control label and the map."""
+    """Hewitt and Liang's control task: each distinct type gets one fixed random label. The labels
+    are the types' own (each type's first item's label) permuted across the types, seeded, so the
+    control task has the real task's label distribution over types (drawing them independently, as
+    Hewitt and Liang do with thousands of word types, gives a few dozen types a lopsided
+    distribution whose majority alone beats the real task's). Returns every item's control label
+    and the map."""
     labels = np.asarray(labels)
-    values, counts = np.unique(labels, return_counts=True)
-    distinct = sorted(set(types), key=repr)
+    first: dict = {}
+    for t, y in zip(types, labels):
+        first.setdefault(t, int(y))
+    distinct = sorted(first, key=repr)
     rng = np.random.default_rng(_seed(seed, f"control:{name}"))
-    drawn = rng.choice(values, size=len(distinct), p=counts / counts.sum())
+    drawn = rng.permutation([first[t] for t in distinct])
     table = {t: int(v) for t, v in zip(distinct, drawn)}
     return np.array([table[t] for t in types], dtype=int), table
 
@@ -140,16 +149,17 @@ def cross_validated(X, y, groups, seed: int = 0, n_splits: int = N_SPLITS, C: fl
     never held out: fewer than two items)."""
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
     pred, maj = np.full(len(y), -1), np.full(len(y), -1)
-    for tr, te in folds(groups, y, n_splits, seed):
-        maj[te] = _majority(y[tr])
-        if len(np.unique(y[tr])) < 2:  # one class to learn: the probe can only say it
-            pred[te] = y[tr][0]
-            continue
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300, tol=1e-3))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=ConvergenceWarning)
-            probe.fit(X[tr], y[tr])
-        pred[te] = probe.predict(X[te])
+    # one BLAS thread: these matrices are tiny, and idle BLAS threads spinning next to other jobs
+    # made a fit 100 times slower (measured on the shared 2-core machine)
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        for tr, te in folds(groups, y, n_splits, seed):
+            maj[te] = _majority(y[tr])
+            if len(np.unique(y[tr])) < 2:  # one class to learn: the probe can only say it
+                pred[te] = y[tr][0]
+                continue
+            probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300, tol=1e-3))
+            pred[te] = probe.fit(X[tr], y[tr]).predict(X[te])
     return pred, maj
 
 
@@ -167,16 +177,16 @@ def probe(X, y, types, groups, seed: int = 0, name: str = "", n_splits: int = N_
 
 # ---------------------------------------------------------------- representations
 
-def evidence_vector(tokens: np.ndarray, task: ProbeTask) -> np.ndarray:
-    """The image-token representation for a task from the merged tokens at the evidence cells
-    [n, H] (in the item's evidence order): the relation reads A's and B's tokens side by side,
-    the count the sum over the counted objects (zeros for none), every other task the queried
+def evidence_vector(tokens: np.ndarray, task: ProbeTask, family: str) -> np.ndarray:
+    """The image-token representation of one item for a task, from the merged tokens at its evidence
+    cells [n, H] (in the item's evidence order): for the relation A's and B's tokens side by side;
+    for a count item the sum over the counted objects (zeros for none); otherwise the queried
     object's token."""
     H = tokens.shape[-1]
     if task.name == "relation":
         pair = list(tokens[:2]) + [np.zeros(H)] * (2 - min(2, len(tokens)))
         return np.concatenate(pair)
-    if "count" in task.families:
+    if family == "count":
         return tokens.sum(0) if len(tokens) else np.zeros(H)
     return tokens[0] if len(tokens) else np.zeros(H)
 
@@ -198,17 +208,22 @@ def representations(states: dict, task: ProbeTask, min_share: float = 0.5) -> di
     have = [i for i in items if len(states[i]["z"])]
     if have:
         out["mean over steps"] = (have, np.stack([states[i]["z"].mean(0) for i in have]))
-    out["image tokens"] = (items, np.stack([evidence_vector(states[i]["image"], task) for i in items]))
+    out["image tokens"] = (items, np.stack([evidence_vector(states[i]["image"], task, states[i]["family"])
+                                            for i in items]))
     out["prompt state"] = (items, np.stack([states[i]["prompt"] for i in items]))
     return out
 
 
 def probe_rows(states: dict, seed: int = 0, n_splits: int = N_SPLITS, C: float = C_REG, tasks=TASKS,
-               have: dict | None = None):
+               have: dict | None = None, memo: dict | None = None, n_jobs: int = 1):
     """Every (representation, task) probe of one model's states: yields its condition name and one
     row per item. A condition whose rows `have` (condition -> rows stored) already holds for every
-    item is not fitted again."""
-    have = have or {}
+    item is not fitted again; `memo` (shared across models) keeps fitted probes by their inputs, so
+    the same vectors (one tower's image tokens in every model) are fitted once. The probes are
+    independent: `n_jobs` processes fit them (joblib), with the same results as one."""
+    have = {} if have is None else have
+    memo = {} if memo is None else memo
+    jobs = []
     for task in tasks:
         for rep, (items, X) in representations(states, task).items():
             cond = f"{rep}|{task.name}"
@@ -216,11 +231,18 @@ def probe_rows(states: dict, seed: int = 0, n_splits: int = N_SPLITS, C: float =
                 continue
             y = [states[i]["label"][task.name] for i in items]
             types = [states[i]["type"] for i in items]
-            df = probe(X, y, types, items, seed, cond, n_splits, C)
-            step = int(rep.split()[1]) if rep.startswith("step ") else None
-            fam = [states[i]["family"] for i in items]
-            yield cond, [dict(r, condition=cond, representation=rep, step=step, task=task.name, family=f)
-                         for r, f in zip(df.to_dict("records"), fam)]
+            key = (cond, tuple(items), hashlib.sha1(np.ascontiguousarray(X).tobytes()).hexdigest(), seed, n_splits, C)
+            jobs.append((cond, task, rep, items, X, y, types, key))
+    todo = {j[-1]: j for j in jobs if j[-1] not in memo}
+    if todo:
+        fitted = Parallel(n_jobs=n_jobs)(delayed(probe)(X, y, types, items, seed, cond, n_splits, C)
+                                         for cond, _, _, items, X, y, types, _ in todo.values())
+        memo.update(zip(todo, fitted))
+    for cond, task, rep, items, _, _, _, key in jobs:
+        step = int(rep.split()[1]) if rep.startswith("step ") else None
+        fam = [states[i]["family"] for i in items]
+        yield cond, [dict(r, condition=cond, representation=rep, step=step, task=task.name, family=f)
+                     for r, f in zip(memo[key].to_dict("records"), fam)]
 
 
 # ---------------------------------------------------------------- summaries
@@ -265,6 +287,17 @@ def kind_of(model: str) -> str:
     return KINDS.get(model, "other")
 
 
+KIND_ORDER = ("latent, bypass open", "latent, bypass closed", "control", "text imagination")
+
+
+def model_order(models) -> list[str]:
+    """Models grouped by kind (bypass open, bypass closed, controls, text imagination), each group
+    in the order given."""
+    models = list(pd.unique(pd.Series(list(models), dtype=object)))
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(models, key=lambda m: (rank.get(kind_of(m), len(rank)), models.index(m)))
+
+
 def table(s: pd.DataFrame, representations=None) -> pd.DataFrame:
     """The chapter's probe table: one row per model, representation and task, intervals in brackets."""
     from .report import ci, p
@@ -283,37 +316,50 @@ def table(s: pd.DataFrame, representations=None) -> pd.DataFrame:
     }).reset_index(drop=True)
 
 
-def best_step(s: pd.DataFrame) -> pd.DataFrame:
-    """Per model and task, the latent step with the highest selectivity (ties: the earliest)."""
-    steps = s[s["step"].notna()].sort_values(["model", "task", "selectivity", "step"], ascending=[True, True, False, True])
-    return steps.groupby(["model", "task"], sort=False).head(1)
+def describe_tasks(tasks=TASKS) -> pd.DataFrame:
+    """The probed facts: what each is, where it is defined, where it comes from, chance."""
+    return pd.DataFrame([dict(fact=t.name, what=t.what, families=", ".join(t.families),
+                              source="the image only" if t.source == "image" else "named in the question",
+                              labels=len(t.labels), chance=round(1 / len(t.labels), 3)) for t in tasks])
 
 
-def claims(s: pd.DataFrame, source: str = "image") -> str:
-    """One line per model: each fact's selectivity at the best latent step beside the image tokens'
-    and the prompt state's, every number with its interval and n (generated from `summary`)."""
+def selectivity_table(s: pd.DataFrame, source: str = "image", representations=None) -> pd.DataFrame:
+    """Selectivity [95% CI] per model and representation (rows) and fact (columns)."""
+    from .report import ci
+
+    s = s[s["source"] == source]
+    if representations is not None:
+        s = s[s["representation"].isin(representations)]
+    cell = [ci(x, lo, hi, signed=True) for x, lo, hi in zip(s["selectivity"], s["sel_low"], s["sel_high"])]
+    wide = s.assign(cell=cell, kind=s["model"].map(kind_of)).pivot_table(
+        index=["model", "kind", "representation"], columns="task", values="cell", aggfunc="first", sort=False)
+    return wide.reindex(columns=[t.name for t in TASKS if t.name in wide.columns]).reset_index()
+
+
+def claims(s: pd.DataFrame, source: str = "image", rep: str = "mean over steps") -> str:
+    """One line per model: each fact's selectivity from `rep` (fixed in advance: the mean over the
+    latent steps) with its interval, test and n, the range over the single steps, and the image
+    tokens' selectivity beside it (generated from `summary`)."""
     from .report import ci, p
 
-    def frag(r):
-        return (f"{ci(r['selectivity'], r['sel_low'], r['sel_high'], signed=True)} (accuracy {r['accuracy']:.3f}, "
-                f"control {r['control']:.3f}, McNemar p_holm {p(r['p_holm'])}, n = {int(r['n'])})")
-
-    best = best_step(s)
     lines = []
     for m in pd.unique(s["model"]):
         parts = []
         for t in (t.name for t in TASKS if t.source == source):
-            b = best[(best["model"] == m) & (best["task"] == t)]
-            if b.empty:
+            g = s[(s["model"] == m) & (s["task"] == t)].set_index("representation")
+            if rep not in g.index:
                 continue
-            b = b.iloc[0]
-            ref = s[(s["model"] == m) & (s["task"] == t)].set_index("representation")
-            img = ref.loc["image tokens"] if "image tokens" in ref.index else None
-            parts.append(f"*{t}*: best step {int(b['step'])} {frag(b)}"
-                         + (f"; image tokens {ci(img['selectivity'], img['sel_low'], img['sel_high'], signed=True)}"
-                            if img is not None else ""))
+            r, steps = g.loc[rep], g[g["step"].notna()]["selectivity"]
+            part = (f"*{t}* {ci(r['selectivity'], r['sel_low'], r['sel_high'], signed=True)} (accuracy "
+                    f"{r['accuracy']:.3f}, control {r['control']:.3f}, McNemar p_holm {p(r['p_holm'])}, n = {int(r['n'])})")
+            if len(steps):
+                part += f", single steps {steps.min():+.3f} to {steps.max():+.3f}"
+            if "image tokens" in g.index:
+                img = g.loc["image tokens"]
+                part += f", image tokens {ci(img['selectivity'], img['sel_low'], img['sel_high'], signed=True)}"
+            parts.append(part)
         if parts:
-            lines.append(f"* **{m}** ({kind_of(m)}), selectivity: " + "; ".join(parts) + ".")
+            lines.append(f"* **{m}** ({kind_of(m)}), selectivity of the {rep}: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
@@ -323,33 +369,33 @@ def selectivity_chart(s: pd.DataFrame, source: str = "image", title: str = "") -
     """Selectivity per latent step (lines, one per task) in one panel per model, with the image
     tokens' selectivity per task as a dashed reference at the right."""
     data = s[(s["source"] == source) & s["step"].notna()].copy()
-    order = list(pd.unique(data["model"]))
+    order = model_order(data["model"])
     tasks = [t.name for t in TASKS if t.source == source]
     base = alt.Chart().encode(color=alt.Color("task:N", sort=tasks, title="fact"))
     line = base.mark_line(point=True).encode(
         x=alt.X("step:O", title="latent step"),
-        y=alt.Y("selectivity:Q", scale=alt.Scale(domain=[-0.3, 1]), title="selectivity (accuracy - control)"))
-    band = base.mark_errorbar().encode(x="step:O", y=alt.Y("sel_low:Q", title=""), y2="sel_high:Q")
+        y=alt.Y("selectivity:Q", scale=alt.Scale(domain=[-1, 1]), title="selectivity (accuracy - control)"))
+    band = base.mark_errorbar().encode(x="step:O", y=alt.Y("sel_low:Q", title="selectivity (accuracy - control)"),
+                                       y2="sel_high:Q")
     zero = alt.Chart().mark_rule(color="grey", strokeDash=[4, 3]).encode(y=alt.datum(0))
     chart = alt.layer(band, line, zero, data=data).properties(width=150, height=plots.HEIGHT).facet(
         facet=alt.Facet("model:N", sort=order, title=None), columns=4)
     return chart.properties(title=title) if title else chart
 
 
-def comparison_chart(s: pd.DataFrame, source: str = "image", title: str = "") -> alt.Chart:
-    """Selectivity of the best latent step, the mean over steps, the image tokens and the prompt
-    state, per task (x) and model (panel), with 95% intervals."""
-    best = best_step(s).assign(representation="best latent step")
-    reps = ["best latent step", "mean over steps", "image tokens", "prompt state"]
-    data = pd.concat([best, s[s["representation"].isin(reps[1:])]], ignore_index=True)
-    data = data[data["source"] == source]
-    order = list(pd.unique(s["model"]))
+def comparison_chart(s: pd.DataFrame, source: str = "image", title: str = "",
+                     reps=("mean over steps", "image tokens", "prompt state")) -> alt.Chart:
+    """Selectivity of the latents' mean over steps, the image tokens and the prompt state, per fact
+    (panel column) and model (panel row), with 95% intervals."""
+    reps = list(reps)
+    data = s[(s["source"] == source) & s["representation"].isin(reps)]
+    order = model_order(s["model"])
     x = alt.X("representation:N", sort=reps, title=None, axis=alt.Axis(labels=False, ticks=False))
     colour = alt.Color("representation:N", sort=reps, title="representation")
-    bars = alt.Chart().mark_bar().encode(x=x, y=alt.Y("selectivity:Q", scale=alt.Scale(domain=[-0.3, 1]),
+    bars = alt.Chart().mark_bar().encode(x=x, y=alt.Y("selectivity:Q", scale=alt.Scale(domain=[-1, 1]),
                                                        title="selectivity"), color=colour)
-    whisk = alt.Chart().mark_rule(color="black").encode(x=x, y="sel_low:Q", y2="sel_high:Q")
-    chart = alt.layer(bars, whisk, data=data).properties(width=70, height=120).facet(
+    whisk = alt.Chart().mark_rule(color="black").encode(x=x, y=alt.Y("sel_low:Q", title="selectivity"), y2="sel_high:Q")
+    chart = alt.layer(bars, whisk, data=data).properties(width=60, height=90).facet(
         row=alt.Row("model:N", sort=order, title=None),
         column=alt.Column("task:N", sort=[t.name for t in TASKS if t.source == source], title=None))
     return chart.properties(title=title) if title else chart
