@@ -153,7 +153,7 @@ def run_axis(axis: str, xs, r, cfg, prompts, pools, repeats: int, naive_max: int
             eq = common.compare_traces(traces, slow_traces)
             point.update(**_way("naive", s, runs), ratio=s["time"]["best_s"] / f["time"]["best_s"],
                          ratio_cpu=s["time"]["cpu_best_s"] / f["time"]["cpu_best_s"],
-                         outputs_equal=eq["equal"], max_logprob_diff=eq["max_logprob_diff"])
+                         outputs_equal=eq["equal"], tokens_equal=eq["tokens_equal"], max_logprob_diff=eq["max_logprob_diff"])
         points.append(point)
         log(f"scaling {axis}={x}: fast {point['fast_ms_per_run']:.1f} CPU ms/run, peak +{point['fast_peak_mb']:.0f} MB"
             + (f", naive {point['naive_ms_per_run']:.1f} CPU ms/run ({point['ratio_cpu']:.1f}x CPU, "

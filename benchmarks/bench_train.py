@@ -10,8 +10,10 @@ pool: a step's cost does not depend on the pool's size.
 The rate is wall-clock; `cpu_samples_per_s` is the same from the process's CPU time over the
 whole stage (warm-up and the final checkpoint included), which a loaded machine inflates less.
 Per method, the rate of every stage and the estimate of its training time at the default budget
-(steps / rate, per stage) are recorded beside the seconds its zoo.json records for the real
-training: the difference is validation, checkpoints and feature banks.
+(steps / rate, per stage), and of its validation (one validation pass timed on a few items per
+family, scaled to the budget's validation set, times the number of passes the loop makes) are
+recorded beside the seconds its zoo.json records for the real training: what remains is
+checkpoints, feature banks and the load of the machine when the zoo was trained.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
     """Samples/s of every stage of `method` (default-budget plans) from the trained base."""
     from latentmed.engine import checkpoint
     from latentmed.zoo.bank import build_bank
-    from latentmed.zoo.recipes import SPECS, method_stages
+    from latentmed.zoo.predict import predict
+    from latentmed.zoo.recipes import BUDGETS, SPECS, method_stages
     from latentmed.zoo.stages import train_stage
     from latentmed.testbed import TestbedConfig
     from latentmed import zoo as Z
@@ -53,6 +56,10 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
     stages = method_stages(method, "default")
     kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
     bank = build_bank(model, config, "train", pool, kinds=tuple(kinds), cache_dir=tmp / "_features", progress=False)
+    val = build_bank(model, config, "val", min(pool, config.n_val // len(config.families)), kinds=tuple(kinds),
+                     cache_dir=tmp / "_features", progress=False)
+    budget = BUDGETS["default"]
+    val_items = len(config.families) * min(budget["val"], config.n_val // len(config.families))
     constant = None
     if SPECS[method].latent_source == "constant":
         g = torch.Generator().manual_seed(7)
@@ -69,8 +76,13 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
             train_stage(model, tok, st.plan, bank, None, cfg, run, teacher=teacher, teacher_plan=tplan,
                         constant=constant, progress=False)
         rate, dt = _rate(run / "curves.csv", warmup, cfg.batch_size)
+        with torch.no_grad(), common.Clock() as ev:  # one validation pass, as run_loop's eval_fn runs it
+            predict(model, tok, val, st.plan, constant=constant)
+        evals = -(-st.cfg.steps // st.cfg.eval_every)  # every eval_every steps and at the end
+        eval_s = ev.wall * val_items / len(val)
         rows.append(dict(stage=st.cfg.name, samples_per_s=rate, steps_timed=steps, seconds_timed=dt,
-                         cpu_samples_per_s=cfg.steps * cfg.batch_size / c.cpu,
+                         cpu_samples_per_s=cfg.steps * cfg.batch_size / c.cpu, eval_items_timed=len(val),
+                         eval_s_at_budget=eval_s, evals_at_budget=evals, est_eval_s=evals * eval_s,
                          batch=cfg.batch_size, budget_steps=st.cfg.steps, teacher=st.teacher,
                          est_budget_s=st.cfg.steps * cfg.batch_size / rate))
         if any(s.teacher == st.cfg.name for s in stages):
@@ -122,14 +134,16 @@ def main(args) -> dict:
             samples = sum(s["steps_timed"] * s["batch"] for s in stages)
             secs = sum(s["seconds_timed"] for s in stages)
             est = sum(s["est_budget_s"] for s in stages)
+            est_eval = sum(s.get("est_eval_s", 0.0) for s in stages)
             rec = info["models"].get(m, {}).get("seconds") if info["budget"] == "default" else None
             cpu_rate = sum(s["steps_timed"] for s in stages) / sum(s["steps_timed"] / s["cpu_samples_per_s"] for s in stages)
             out.append(dict(method=m, samples_per_s=samples / secs, cpu_samples_per_s=cpu_rate, stages=stages,
-                            est_budget_s=est,
-                            recorded_s=rec, loop_share=est / rec if rec else None))
+                            est_budget_s=est, est_eval_s=est_eval,
+                            recorded_s=rec, loop_share=est / rec if rec else None,
+                            eval_share=est_eval / rec if rec else None))
             per = " | ".join(f"{s['stage']} {s['samples_per_s']:.0f}" for s in stages)
-            log(f"train {m}: {samples / secs:.1f} samples/s ({per}); "
-                f"default budget about {est:.0f} s of steps" + (f", zoo.json records {rec:.0f} s" if rec else ""))
+            log(f"train {m}: {samples / secs:.1f} samples/s ({per}); default budget about {est:.0f} s of steps and "
+                f"{est_eval:.0f} s of validation" + (f", zoo.json records {rec:.0f} s" if rec else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.update(zoo=info, setting=dict(steps=args.train_steps, warmup=args.train_warmup, pool_per_family=args.train_pool,

@@ -10,6 +10,8 @@ import altair as alt
 import pandas as pd
 
 WAYS = {"fast": "shared work", "naive": "naive (each run alone)"}
+KV = "KV cache (computed)"
+COLOURS = alt.Scale(domain=[WAYS["fast"], WAYS["naive"], KV], range=["#E69F00", "#0072B2", "#009E73"])
 AXIS_TITLE = {"instances": "instances (16 interventions each)", "interventions": "interventions per instance (M)",
               "k": "latent steps K (16 interventions)"}
 
@@ -78,7 +80,7 @@ def _per_axis(df: pd.DataFrame, y: str, title: str, log_y: bool = True) -> alt.H
             x=alt.X("x:Q", scale=alt.Scale(type="log", base=2), title=AXIS_TITLE[axis],
                     axis=alt.Axis(values=sorted(set(sub["x"].tolist())), format="d")),
             y=alt.Y(f"{y}:Q", scale=alt.Scale(type="log") if log_y else alt.Scale(), title=title),
-            color=alt.Color("way:N", title=None)).properties(width=220, height=180))
+            color=alt.Color("way:N", title=None, scale=COLOURS)).properties(width=220, height=180))
     return alt.hconcat(*charts)
 
 
@@ -94,7 +96,7 @@ def scaling_unit_chart(result: dict) -> alt.HConcatChart:
 
 def memory_frame(result: dict) -> pd.DataFrame:
     df = scaling_frame(result)
-    kv = df[df["way"] == WAYS["fast"]].assign(way="KV cache (computed)", peak_mb=lambda d: d["kv_cache_mb"])
+    kv = df[df["way"] == WAYS["fast"]].assign(way=KV, peak_mb=lambda d: d["kv_cache_mb"])
     return pd.concat([df, kv], ignore_index=True)[["axis", "x", "way", "peak_mb"]]
 
 

@@ -92,7 +92,8 @@ def train_table(r: dict) -> pd.DataFrame:
                               cpu_samples_per_s=m.get("cpu_samples_per_s"),
                               stages=" | ".join(f"{s['stage']} {s['samples_per_s']:.0f}" for s in m["stages"]),
                               steps_at_default_budget=sum(s["budget_steps"] for s in m["stages"]),
-                              est_step_seconds=m["est_budget_s"], recorded_seconds=m["recorded_s"],
+                              est_step_seconds=m["est_budget_s"], est_validation_seconds=m.get("est_eval_s"),
+                              recorded_seconds=m["recorded_s"],
                               steps_share_of_recorded=m["loop_share"]) for m in r["rows"]])
 
 

@@ -7,7 +7,6 @@ package itself (its `__init__`), as the project's review hook does.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from latentmed.paths import ROOT
 

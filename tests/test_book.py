@@ -104,12 +104,15 @@ def test_data_and_models_parameters_name_the_folders_that_hold_testbed_and_zoo(p
             assert sub in line.split("#", 1)[-1], f"{path.name}: {line!r} does not say it holds {sub}"
 
 
-def test_chapter_refs_link_present_chapters_and_name_absent_ones():
+def test_chapter_refs_link_present_chapters_and_name_absent_ones(monkeypatch):
     present = book.available()[0]
     n = book.chapter_number(present.name)
     assert book.chapter_ref(n) == f"{{doc}}`chapter {n} <{present.name}>`"
     assert book.chapter_ref(n, "Chapter X") == f"{{doc}}`Chapter X <{present.name}>`"
-    absent = next(k for k in book.PLANNED if book.present(k) is None)
+    absent = max(book.PLANNED)  # a build whose table of contents leaves the last chapter out
+    monkeypatch.setattr(book, "_in_toc", lambda: {c.name for c in book.available()
+                                                  if book.chapter_number(c.name) != absent})
+    assert book.present(absent) is None and book.present(n) is not None
     ref = book.chapter_ref(absent)
     assert "{doc}" not in ref and "not in this build" in ref and book.PLANNED[absent] in ref
 

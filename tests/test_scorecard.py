@@ -28,6 +28,11 @@ def test_verdict_rules():
     assert r == {"monet-style": "reproduced", "grounded-closed": "not reproduced", "lvr-style": "reproduced",
                  "mirage-style": "inconclusive"}
     assert sc._verdict(float("nan"), 1.0, below=0.5) == "not testable here"
+    # a claim that an effect exists (text mediates): a change inside the margin contradicts it
+    text = dict(inside=(-0.05, 0.05), outside_low=-0.05, flip=True)
+    assert sc._verdict(-0.02, 0.03, **text) == "not reproduced"
+    assert sc._verdict(-0.4, -0.2, **text) == "reproduced"
+    assert sc._verdict(-0.1, 0.0, **text) == "inconclusive"
     s = sc.summary(sc.card(rows())).set_index(["claim", "kind"])
     assert s.loc[(sc.CLAIMS["intervene"], "latent, bypass open"), "verdict"] == "reproduced"
     assert s.loc[(sc.CLAIMS["intervene"], "latent, bypass closed"), "verdict"] == "not reproduced"

@@ -217,6 +217,36 @@ def _run(root, store_dir, items, models, derived_models, seed, device, n_splits,
     return tuple(pd.concat(f, ignore_index=True) if f else pd.DataFrame() for f in frames.values())
 
 
+# ---------------------------------------------------------------- the chapter's settings, in one place
+
+PER_FAMILY, CI_PER_FAMILY = 30, 5  # test items per family (about 1.5 minutes on 2 CPU cores; CI: seconds)
+CI_TASKS = ("relation", "asked colour")  # the small CI run probes two facts (an image one, a question one)
+
+
+def settings(small_run: bool = False, per_family: int | None = None) -> dict:
+    """Items per family, folds and facts of the chapter's probes (the CI run is smaller)."""
+    return dict(per_family=per_family or (CI_PER_FAMILY if small_run else PER_FAMILY),
+                n_splits=3 if small_run else P.N_SPLITS,
+                tasks=[P.TASK[t] for t in CI_TASKS] if small_run else list(P.TASKS))
+
+
+def chapter_runs(root: str | Path, store_dir: str | Path, config, models=None, small_run: bool = False,
+                 per_family: int | None = None, seed: int = 0, device: str = "cpu") -> dict:
+    """Chapter 5's runs with its settings (`settings`), so that the chapter and any page that cites
+    it (the scorecard) read the same stored rows: every trained model with latent slots, and
+    CapImagine for its imagination-span states. Returns the items, the models and the three frames."""
+    from ..zoo.recipes import METHODS
+    from .study import latent_models, trained
+
+    s = settings(small_run, per_family)
+    items = test_items(config, s["per_family"])
+    latent = latent_models(root, models or METHODS)
+    names = latent + [m for m in trained(root, ["capimagine"]) if models is None or m in models]
+    states, der, pr = run_probe_study(root, store_dir, items, names, latent, seed=seed, device=device,
+                                      n_splits=s["n_splits"], tasks=s["tasks"])
+    return dict(s, items=items, models=names, latent=latent, states=states, derived=der, probes=pr)
+
+
 # ---------------------------------------------------------------- the chapter's tables
 
 def test_items(config, per_family: int | None = None) -> list[Item]:

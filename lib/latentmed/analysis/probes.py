@@ -316,6 +316,29 @@ def table(s: pd.DataFrame, representations=None) -> pd.DataFrame:
     }).reset_index(drop=True)
 
 
+def headline(s: pd.DataFrame, rep: str = "mean over steps", seed: int = 0, rows: pd.DataFrame | None = None,
+             n_boot: int = N_BOOT) -> pd.DataFrame:
+    """Per model, the latents' selectivity for the facts only the image holds, from `rep` (the mean
+    over steps, fixed in advance): the best fact's (chosen after the fact, so optimistic) with its
+    interval and n, and, given the probe `rows`, the mean over those facts with a bootstrap interval
+    over items (each item's mean of probe minus control over its facts)."""
+    img = s[(s["source"] == "image") & (s["representation"] == rep)]
+    out = []
+    for m in model_order(img["model"]):
+        g = img[img["model"] == m].sort_values(["selectivity", "task"], ascending=[False, True])
+        b = g.iloc[0]
+        row = dict(model=m, kind=kind_of(m), representation=rep, best_fact=b["task"], best=b["selectivity"],
+                   best_low=b["sel_low"], best_high=b["sel_high"], best_n=int(b["n"]))
+        if rows is not None:
+            r = rows[(rows["model"] == m) & (rows["representation"] == rep) & rows["held_out"].astype(bool)
+                     & rows["task"].isin(g["task"])]
+            per_item = (r["correct"].astype(float) - r["control_correct"].astype(float)).groupby(r["item"]).mean()
+            row["mean"], row["mean_low"], row["mean_high"] = boot_mean(per_item.to_numpy(), n_boot, seed=seed)
+            row["mean_n"] = len(per_item)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def describe_tasks(tasks=TASKS) -> pd.DataFrame:
     """The probed facts: what each is, where it is defined, where it comes from, chance."""
     return pd.DataFrame([dict(fact=t.name, what=t.what, families=", ".join(t.families),

@@ -11,6 +11,8 @@ from a row of the table `card()` returns.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -40,8 +42,9 @@ RULES = {
                  f"lies at or above {COLLAPSE}, not reproduced when below"),
     "intervene": (f"accuracy change when another item's latents are fed (generate form); reproduced when its "
                   f"95% interval lies inside +-{MARGIN}, not reproduced when it lies below -{MARGIN}"),
-    "probe": (f"selectivity (accuracy minus control-task accuracy) of the best linear probe on the latents; "
-              f"reproduced when its 95% interval lies below {SELECTIVITY}, not reproduced when above"),
+    "probe": (f"selectivity (accuracy minus control-task accuracy) of linear probes on the latents' mean over "
+              f"steps, averaged over the facts only the image holds (chapter 5); reproduced when its 95% "
+              f"interval lies below {SELECTIVITY}, not reproduced when above"),
     "text": (f"accuracy change when the imagined caption is rewritten to a wrong option; reproduced when its "
              f"95% interval lies below -{MARGIN}, not reproduced when inside +-{MARGIN}"),
     "capimagine": ("CapImagine's accuracy minus each latent model's on the same test items (Newcombe); "
@@ -51,19 +54,22 @@ GROUPS = ("latent, bypass open", "latent, bypass closed", "control", "text imagi
 
 
 def _verdict(lo: float, hi: float, below: float | None = None, above: float | None = None,
-             inside: tuple[float, float] | None = None, outside_low: float | None = None) -> str:
-    """Reproduced / not reproduced / inconclusive from an interval and the claim's rule."""
+             inside: tuple[float, float] | None = None, outside_low: float | None = None,
+             flip: bool = False) -> str:
+    """Reproduced / not reproduced / inconclusive from an interval and the claim's rule; `flip` for a
+    claim that an effect exists (its interval inside the margin contradicts it)."""
     if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in (lo, hi)):
         return "not testable here"
     if inside is not None:
-        if inside[0] <= lo and hi <= inside[1]:
-            return "reproduced"
-        if outside_low is not None and hi < outside_low:
-            return "not reproduced"
-        return "inconclusive"
-    if below is not None:
-        return "reproduced" if hi < below else "not reproduced" if lo > below else "inconclusive"
-    return "reproduced" if lo >= above else "not reproduced" if hi < above else "inconclusive"
+        v = ("reproduced" if inside[0] <= lo and hi <= inside[1]
+             else "not reproduced" if outside_low is not None and hi < outside_low else "inconclusive")
+    elif below is not None:
+        v = "reproduced" if hi < below else "not reproduced" if lo > below else "inconclusive"
+    else:
+        v = "reproduced" if lo >= above else "not reproduced" if hi < above else "inconclusive"
+    if flip and v != "inconclusive":
+        v = "not reproduced" if v == "reproduced" else "reproduced"
+    return v
 
 
 def _row(claim: str, model: str, measured: str, test: str, x: float, lo: float, hi: float, n: int, verdict: str) -> dict:
@@ -229,10 +235,35 @@ def gather(root, store_dir, small_run: bool = False, seed: int = 0, device: str 
 
 
 def probe_rows(root, store_dir, config, small_run: bool, seed: int, device: str) -> list[dict]:
-    """Chapter 5's claim rows (added when its results exist)."""
-    return []
+    """Chapter 5: per model, the latents' (mean over steps) selectivity for the facts only the image
+    holds, averaged over those facts, from chapter 5's stored probe runs (its settings)."""
+    from . import probe_study, probes
+
+    runs = probe_study.chapter_runs(root, store_dir, config, small_run=small_run, seed=seed, device=device)
+    if runs["probes"].empty:
+        return []
+    head = probes.headline(probes.summary(runs["probes"], seed=seed), rows=runs["probes"], seed=seed)
+    return [_row("probe", r["model"], f"selectivity of linear probes, {r['representation']}, mean over image facts",
+                 "percentile bootstrap over items", r["mean"], r["mean_low"], r["mean_high"], int(r["mean_n"]),
+                 _verdict(r["mean_low"], r["mean_high"], below=SELECTIVITY))
+            for _, r in head.iterrows() if not np.isnan(r.get("mean", np.nan))]
 
 
 def text_rows(root, store_dir, config, small_run: bool, seed: int, device: str) -> list[dict]:
-    """Chapter 7's claim rows (added when its results exist)."""
-    return []
+    """Chapter 7: CapImagine's accuracy change when its imagined text is rewritten to a wrong option's
+    word (against the refilled reference), from chapter 7's stored run on the same items."""
+    from ..zoo.build import read_info
+    from ..zoo.evaluate import test_items
+    from . import text_mediator as tm
+
+    if not (Path(root) / "capimagine" / "zoo.json").exists() or not read_info(Path(root) / "capimagine"):
+        return []
+    items = test_items(config, "test", 5 if small_run else None)
+    table = tm.text_effects(tm.run_capimagine(root, store_dir, items, seed=seed, device=device), seed=seed)
+    out = []
+    for r in table[table["condition"] == tm.key("rewrite")].itertuples(index=False):
+        out.append(_row("text", r.model, "accuracy change, imagined text rewritten to a wrong option",
+                        "Newcombe interval; McNemar", r.diff, r.diff_low, r.diff_high, int(r.n),
+                        _verdict(r.diff_low, r.diff_high, inside=(-MARGIN, MARGIN), outside_low=-MARGIN,
+                                 flip=True)))
+    return out

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..files import DamagedFileError, load_tensors
+from ..files import DamagedFileError, load_tensors, read_json
 from .spec import METHODS, SPEC_FILE, LatentSpec, SpecIds, preset
 from .tokenizer import load_tokenizer
 
@@ -46,10 +46,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (every checkpoint folder needs config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    cfg = read_json(path, "JSON")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if cfg.get("model_type") != "qwen2_5_vl":
@@ -153,10 +150,7 @@ def load_processor(folder: Path):
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (the image processor settings)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    raw = read_json(path, "JSON")
     for key in ("patch_size", "merge_size", "temporal_patch_size"):
         v = raw.get(key, 1) if isinstance(raw, dict) else None
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -416,9 +416,10 @@ class Decoder:
             row.z_out.append(self.h[r])
         tok = self._pick(r, row, int(self.logits[r].argmax()))
         cap = self.spec.max_latents
-        if tok == self.ids.end or (cap and row.k >= cap):
+        eos_forced = tok in self.ids.eos and self.cfg.force_suffix  # forced protocol: an EOS ends the span, not the run
+        if tok == self.ids.end or (cap and row.k >= cap) or eos_forced:
             own = tok == self.ids.end
-            self._close(row, "model" if own else "cap", end_pos=row.seq_pos, own_end=own)
+            self._close(row, "model" if own else "eos_forced" if eos_forced else "cap", end_pos=row.seq_pos, own_end=own)
             return self.ids.end, None
         row.seg.slots.append(row.seq_pos)
         row.k += 1

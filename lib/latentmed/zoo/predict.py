@@ -135,6 +135,7 @@ def _predict_text(model, tok, bank, idx, plan, max_caption):
     spec = plan.spec
     start_id = tok.convert_tokens_to_ids(spec.start_token)
     end_id = tok.convert_tokens_to_ids(spec.end_token)
+    eos_ids = set(spec.resolve(tok, model.config.to_dict())[1].eos)  # the engine's EOS ids
     base = collate(tok, bank, idx, replace(plan, spec=replace(spec, placement="none")))
     lm = model.model.language_model
     P = base.prompt_end + 1
@@ -186,7 +187,7 @@ def _predict_text(model, tok, bank, idx, plan, max_caption):
             if cand[b] == end_id:
                 ended[b] = True
                 new.append(end_id)
-            elif len(texts[b]) >= max_caption:
+            elif len(texts[b]) >= max_caption or cand[b] in eos_ids:  # the engine's forced protocol: cap or EOS
                 new.append(end_id)
             else:
                 new.append(cand[b])
