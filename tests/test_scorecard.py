@@ -37,6 +37,7 @@ def test_verdict_rules():
     assert s.loc[(sc.CLAIMS["intervene"], "latent, bypass open"), "verdict"] == "reproduced"
     assert s.loc[(sc.CLAIMS["intervene"], "latent, bypass closed"), "verdict"] == "not reproduced"
     assert s.loc[(sc.CLAIMS["probe"], "-"), "verdict"] == "not testable here"
+    assert s.loc[(sc.CLAIMS["input"], "latent, bypass open"), "verdict"] == "inconclusive"
 
 
 def test_every_number_on_the_page_comes_from_a_row():

@@ -178,6 +178,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
                 v = "not reproduced"
             elif (g["verdict"] == "not testable here").all():
                 v = "not testable here"
+            elif counts.get("inconclusive", 0) == len(g):
+                v = "inconclusive"
             else:
                 v = "mixed"
             out.append(dict(claim=text, kind=kind, models=len(g), reproduced=int(counts.get("reproduced", 0)),

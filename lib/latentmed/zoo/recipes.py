@@ -16,6 +16,9 @@ from .batching import Plan
 from .loop import StageConfig
 
 BASE = "base"
+# Bumped whenever the training code changes what a given recipe produces (2: transformers' WSD
+# schedule; an EOS in CapImagine's span ends the span): a model trained before is retrained.
+TRAINING_VERSION = 2
 
 
 def _spec(name: str, template: str, **kw) -> LatentSpec:
@@ -141,7 +144,8 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
 def settings(name: str, budget: str, seed: int, config: TestbedConfig, base_hash: str | None = None) -> dict:
     """Everything that defines a trained model (its hash decides whether to retrain)."""
     b = BUDGETS[budget]
-    s = dict(method=name, budget=budget, seed=seed, testbed=config.to_dict(), val=b["val"],
+    s = dict(method=name, budget=budget, seed=seed, training_version=TRAINING_VERSION,
+             testbed=config.to_dict(), val=b["val"],
              pool=b["pool_pc"] if name == "positive-control" else b["pool"],
              spec=SPECS[name].to_dict(),
              stages=[dict(plan={k: v for k, v in asdict(st.plan).items() if k != "spec"}, cfg=asdict(st.cfg),
