@@ -1,6 +1,7 @@
 """The build: chapters are registered, well-formed, executed once and re-used when unchanged."""
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -135,3 +136,11 @@ def test_intro_writes_what_this_build_holds_and_config_loads_the_extension():
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert "latentmed.book" in cfg["sphinx"]["extra_extensions"]
     assert cfg["sphinx"]["config"]["nb_render_markdown_format"] == "myst"
+
+
+def test_executed_copies_name_no_machine_folders():
+    """Papermill's metadata paths are kept relative to the project (committed CI copies)."""
+    for path in sorted(book.NBVAL_OUT.glob("*.ipynb")):
+        meta = json.loads(path.read_text())["metadata"].get("papermill", {})
+        for key in ("input_path", "output_path"):
+            assert not Path(meta.get(key, "")).is_absolute(), f"{path.name}: {key} {meta[key]!r}"

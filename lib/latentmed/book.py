@@ -199,9 +199,23 @@ def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: 
     except BaseException:
         tmp.unlink(missing_ok=True)  # the error is in papermill's exception; the last good copy stays
         raise
+    _relative_paths(tmp, out)
     os.replace(tmp, out)
     atomic_write_text(stamp_file, stamp(chapter, params))
     return out
+
+
+def _relative_paths(path: Path, final: Path) -> None:
+    """Papermill records the input and output paths in the notebook's metadata: keep them relative
+    to the project, so that executed copies (the committed CI copies too) name no machine's folders."""
+    nb = json.loads(path.read_text())
+    meta = nb.get("metadata", {}).get("papermill", {})
+    meta["output_path"] = str(final)
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            p = Path(meta[key])
+            meta[key] = str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+    atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def execute_all(force: bool = False, profile: str = "default") -> list[Path]:
@@ -230,7 +244,7 @@ def build_html(force: bool = False) -> Path:
 # ---------------------------------------------------------------- cross-references and contents
 
 # The study's chapters as DESIGN.md plans them; `available()` says which exist in this checkout.
-PLANNED = {1: "The testbed", 2: "The model zoo", 3: "Input -> latent", 4: "Latent -> answer", 5: "Probing",
+PLANNED = {0: "Scorecard", 1: "The testbed", 2: "The model zoo", 3: "Input -> latent", 4: "Latent -> answer", 5: "Probing",
            6: "Mediation", 7: "CapImagine", 8: "Real checkpoints", 9: "Performance",
            10: "When do latents become mediators"}
 REAL_TRACK_CHAPTER = 8  # the real-checkpoint track is in a build when this chapter is

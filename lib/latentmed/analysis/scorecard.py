@@ -202,6 +202,30 @@ def render(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+THRESHOLDS = {"input": (INPUT_RATIO,), "collapse": (COLLAPSE,), "intervene": (-MARGIN, MARGIN),
+              "probe": (SELECTIVITY,), "text": (-MARGIN, MARGIN), "capimagine": ()}
+
+
+def chart(df: pd.DataFrame):
+    """One panel per claim: each model's effect with its 95% interval, coloured by verdict, with the
+    rule's thresholds as dashed lines (the grey line is zero)."""
+    import altair as alt
+
+    from .plots import interval_chart
+
+    panels = []
+    for claim in CLAIMS:
+        sub = df[df["claim"] == claim].assign(row=lambda d: d["model"] + " (" + d["kind"] + ")")
+        if sub.empty:
+            continue
+        c = interval_chart(sub, y="row", x="effect", lo="low", hi="high", colour="verdict", title=CLAIMS[claim],
+                           x_title=sub["measured"].iloc[0].split(",")[0])
+        lines = [alt.Chart(pd.DataFrame({"t": [t]})).mark_rule(color="black", strokeDash=[2, 2]).encode(x="t:Q")
+                 for t in THRESHOLDS[claim]]
+        panels.append(alt.layer(c, *lines) if lines else c)
+    return alt.vconcat(*panels).resolve_scale(color="shared")
+
+
 def rules_table() -> pd.DataFrame:
     return pd.DataFrame([dict(claim=CLAIMS[k], rule=RULES[k]) for k in CLAIMS])
 
