@@ -134,7 +134,13 @@ def main(args) -> dict:
                       log_tail=[ln for _, ln in lines[-40:]] if rc else [], outputs_equal=None)
         log(f"main: exit {rc} after {total / 60:.1f} min")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        keep = getattr(args, "main_keep", None)
+        if keep:  # the built book, zoo and results, for a look at what the timed build produced
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.move(str(tmp), keep)
+            log(f"main: kept the build in {keep}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return common.finish(result)
 
 

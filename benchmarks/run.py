@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--main-env", choices=["fresh", "reuse"], default="fresh",
                    help="fresh: the clone installs its own .venv (timed); reuse: link this .venv")
     g.add_argument("--main-profile", choices=["default", "ci"], default="default")
+    g.add_argument("--main-keep", default=None, metavar="DIR",
+                   help="keep the build's clone, data, models and results in DIR (replaced) instead of deleting them")
     g.add_argument("--main-max-load", type=float, default=4.0,
                    help="refuse (and record why) when the 1-minute load average is above this (default: 4)")
     args = ap.parse_args(argv)

@@ -63,7 +63,7 @@ for _d, _name in zip(DOSES, DOSE_METHODS):
 # Budgets: steps per stage (batch 16). "default" is the main build, "ci" a quick check.
 BUDGETS = {
     "default": dict(vision=250, base=1500, direct=400, capimagine=1000, monet=(150, 150, 300), lvr=500,
-                    mirage=(200, 300), positive=400, negative=400, closed=1600, pool=1000, pool_pc=400, val=100,
+                    mirage=(200, 300), positive=400, negative=400, closed=1200, pool=1000, pool_pc=400, val=100,
                     eval_every=200, ft_lr=3e-3, direct_lr=1e-3, seg_w=0.1),
     "ci": dict(vision=12, base=30, direct=10, capimagine=12, monet=(6, 6, 8), lvr=10, mirage=(6, 8),
                positive=10, negative=10, closed=10, pool=24, pool_pc=24, val=4, eval_every=10, ft_lr=3e-3,
