@@ -72,3 +72,20 @@ def scene(colour=(220, 30, 30), size: int = 112, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="session")
 def images():
     return [scene((220, 30, 30), seed=0), scene((30, 70, 220), seed=1), scene((30, 160, 50), seed=2)]
+
+
+@pytest.fixture
+def tiny_chapter(tmp_path, monkeypatch):
+    """A one-parameter chapter `tiny` (prints n * 2) in a temporary notebooks folder."""
+    import nbformat
+    from latentmed import book
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("n = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.metadata.update(kernelspec={"name": "python3", "display_name": "Python 3", "language": "python"},
+                       language_info={"name": "python"})
+    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), params, nbformat.v4.new_code_cell("print(n * 2)")]
+    (tmp_path / "tiny.ipynb").write_text(nbformat.writes(nb))
+    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
+    return book.Chapter("tiny")

@@ -29,16 +29,8 @@ def test_every_notebook_is_a_registered_chapter_with_title_and_parameters(path):
     assert (book.NBVAL_OUT / path.name).exists(), "run `latentmed nbval-refresh` and commit the CI copy"
 
 
-def test_execute_runs_once_and_reuses_until_something_changes(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("n = 1")
-    params.metadata["tags"] = ["parameters"]
-    nb.metadata.update(kernelspec={"name": "python3", "display_name": "Python 3", "language": "python"},
-                       language_info={"name": "python"})
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), params, nbformat.v4.new_code_cell("print(n * 2)")]
-    (tmp_path / "tiny.ipynb").write_text(nbformat.writes(nb))
-    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
-    chapter = book.Chapter("tiny")
+def test_execute_runs_once_and_reuses_until_something_changes(tiny_chapter, tmp_path, monkeypatch):
+    chapter = tiny_chapter
     out = book.execute(chapter, tmp_path / "out", {"n": 21})
     outputs = [o for c in nbformat.read(out, 4).cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("42" in o.get("text", "") for o in outputs)

@@ -370,18 +370,10 @@ def test_feature_bank_cache_killed_while_written_is_rebuilt_identically(tok, tmp
     assert torch.equal(got, ref) and torch.equal(again, ref)
 
 
-def test_a_chapter_killed_while_running_is_run_again_not_reused(tmp_path, monkeypatch):
+def test_a_chapter_killed_while_running_is_run_again_not_reused(tiny_chapter, tmp_path, monkeypatch):
     import papermill as pm
 
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("n = 1")
-    params.metadata["tags"] = ["parameters"]
-    nb.metadata.update(kernelspec={"name": "python3", "display_name": "Python 3", "language": "python"},
-                       language_info={"name": "python"})
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), params, nbformat.v4.new_code_cell("print(n * 2)")]
-    (tmp_path / "tiny.ipynb").write_text(nbformat.writes(nb))
-    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
-    chapter, out_dir = book.Chapter("tiny"), tmp_path / "out"
+    chapter, out_dir = tiny_chapter, tmp_path / "out"
     out = book.execute(chapter, out_dir, {"n": 21})
     good = out.read_bytes()
     real = pm.execute_notebook
