@@ -244,8 +244,8 @@ def build_html(force: bool = False) -> Path:
 # ---------------------------------------------------------------- cross-references and contents
 
 # The study's chapters as DESIGN.md plans them; `available()` says which exist in this checkout.
-PLANNED = {0: "Scorecard", 1: "The testbed", 2: "The model zoo", 3: "Input -> latent", 4: "Latent -> answer", 5: "Probing",
-           6: "Mediation", 7: "CapImagine", 8: "Real checkpoints", 9: "Performance",
+PLANNED = {0: "Scorecard", 1: "The testbed", 2: "The model zoo", 3: "Input -> latent", 4: "Latent -> answer",
+           5: "Probing", 6: "Mediation", 7: "CapImagine", 8: "Real checkpoints", 9: "Performance",
            10: "When do latents become mediators"}
 REAL_TRACK_CHAPTER = 8  # the real-checkpoint track is in a build when this chapter is
 

@@ -11,8 +11,6 @@ from a row of the table `card()` returns.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -278,11 +276,11 @@ def probe_rows(root, store_dir, config, small_run: bool, seed: int, device: str)
 def text_rows(root, store_dir, config, small_run: bool, seed: int, device: str) -> list[dict]:
     """Chapter 7: CapImagine's accuracy change when its imagined text is rewritten to a wrong option's
     word (against the refilled reference), from chapter 7's stored run on the same items."""
-    from ..zoo.build import read_info
     from ..zoo.evaluate import test_items
     from . import text_mediator as tm
+    from .study import trained
 
-    if not (Path(root) / "capimagine" / "zoo.json").exists() or not read_info(Path(root) / "capimagine"):
+    if not trained(root, ["capimagine"]):
         return []
     items = test_items(config, "test", 5 if small_run else None)
     table = tm.text_effects(tm.run_capimagine(root, store_dir, items, seed=seed, device=device), seed=seed)

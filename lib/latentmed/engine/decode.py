@@ -416,10 +416,11 @@ class Decoder:
             row.z_out.append(self.h[r])
         tok = self._pick(r, row, int(self.logits[r].argmax()))
         cap = self.spec.max_latents
-        eos_forced = tok in self.ids.eos and self.cfg.force_suffix  # forced protocol: an EOS ends the span, not the run
+        eos_forced = tok in self.ids.eos and self.cfg.force_suffix  # forced protocol: EOS ends the span, not the run
         if tok == self.ids.end or (cap and row.k >= cap) or eos_forced:
             own = tok == self.ids.end
-            self._close(row, "model" if own else "eos_forced" if eos_forced else "cap", end_pos=row.seq_pos, own_end=own)
+            how = "model" if own else "eos_forced" if eos_forced else "cap"
+            self._close(row, how, end_pos=row.seq_pos, own_end=own)
             return self.ids.end, None
         row.seg.slots.append(row.seq_pos)
         row.k += 1

@@ -311,9 +311,9 @@ def train_zoo(root: str | Path | None = None, budget: str = "default", methods=N
     LATENTMED_WORKERS variable, else 2 for the default budget on a machine with 2 or more cores
     and 1 otherwise) they are trained that many at a time in separate processes, each with an
     equal share of the CPU threads, longest first. (On 2 cores one thread per model trains this
-    tiny model faster than two: 97 against 73 samples/s for grounded-closed, benchmarks/bench_train.) Returns a DataFrame: model, seconds
-    (of this run; 0 when skipped), trained_seconds (as recorded when it was trained), skipped,
-    best validation accuracy.
+    tiny model faster than two: 97 against 73 samples/s for grounded-closed, benchmarks/bench_train.)
+    Returns a DataFrame: model, seconds (of this run; 0 when skipped), trained_seconds (as recorded
+    when it was trained), skipped, best validation accuracy.
     """
     if isinstance(methods, str):
         raise TypeError(f"methods must be a list of method names, got the string {methods!r}")
