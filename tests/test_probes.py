@@ -225,19 +225,3 @@ def test_states_derived_rows_and_probes_through_the_store(closed_model, tmp_path
         mod.LatentReasoner.from_pretrained = orig
     assert len(pr2) == len(pr) and len(dr2) == len(dr)
     pd.testing.assert_frame_equal(P.summary(pr2, n_boot=50), P.summary(pr, n_boot=50))
-
-
-def test_tower_cache_gives_the_towers_own_tokens(closed_model):
-    from latentmed.engine.reasoner import LatentReasoner
-
-    r = LatentReasoner.from_pretrained(closed_model / "closed")
-    items = [make_item(CONFIG, "test", "attr", i) for i in range(2)]
-    towers = PS.Towers()
-    a = [r.prompt(it) for it in items]
-    towers.fill(r, a)
-    b = [r.prompt(it) for it in items]  # fresh prompts: features from the cache
-    towers.fill(r, b)
-    assert all(x.features is y.features for x, y in zip(a, b))
-    with torch.inference_mode():
-        fresh = r._tower(b[1].pixel_values, b[1].image_grid_thw)
-    assert torch.allclose(fresh, b[1].features, atol=1e-6)

@@ -11,13 +11,12 @@ Per model, three runs of the store (parameters with chapter=5, keyed by the chec
              control task and the majority baseline (`probes`)
 
 Re-running reuses every stored row; a killed run resumes. All the zoo's towers are the shared
-base's frozen one, so the merged image tokens of an image are computed once and given to every
-model whose tower has the same weights (`Towers`; `Prompt.features` is where the engine keeps them).
+base's frozen one, so the merged image tokens of an image are computed once for every model
+(the engine's content-keyed memo, `engine.memo`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -41,41 +40,6 @@ VERSION = 2  # bump when what a stored row means changes (rows of another versio
 RECORD = ("vision.hook_out", "ln_final.hook_normalized")
 
 
-class Towers:
-    """Merged image tokens per (tower weights, pixels), shared across models and prompts."""
-
-    def __init__(self):
-        self.cache: dict[tuple[str, str], torch.Tensor] = {}
-        self.sigs: dict[int, str] = {}
-
-    def signature(self, r: LatentReasoner) -> str:
-        if id(r) not in self.sigs:
-            h = hashlib.sha1()
-            for name, p in sorted(r.model.model.visual.state_dict().items()):
-                h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
-            self.sigs[id(r)] = h.hexdigest()
-        return self.sigs[id(r)]
-
-    def fill(self, r: LatentReasoner, prompts: list) -> None:
-        """Set `features` of every prompt, from the cache or by running the tower once."""
-        sig, todo = self.signature(r), {}
-        for p in prompts:
-            if p.pixel_values is None or p.features is not None:
-                continue
-            key = (sig, hashlib.sha1(p.pixel_values.numpy().tobytes()).hexdigest())
-            todo.setdefault(key, []).append(p)
-        new = [(k, ps) for k, ps in todo.items() if k not in self.cache]
-        for s in range(0, len(new), 32):
-            part = new[s:s + 32]
-            with torch.inference_mode():
-                r.image_features([ps[0] for _, ps in part], [[] for _ in part])  # sets features
-            for key, ps in part:
-                self.cache[key] = ps[0].features
-        for key, ps in todo.items():
-            for p in ps:
-                p.features = self.cache[key]
-
-
 def _batched(r, prompts, ivs, cfg, batch_size: int = 16) -> list:
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -83,10 +47,9 @@ def _batched(r, prompts, ivs, cfg, batch_size: int = 16) -> list:
     return out
 
 
-def clean_traces(r: LatentReasoner, items: list[Item], towers: Towers, batch_size: int = 16) -> list:
+def clean_traces(r: LatentReasoner, items: list[Item], batch_size: int = 16) -> list:
     """The clean run of every item, recording the image tokens and the prompt's last state."""
     prompts = [r.prompt(it) for it in items]
-    towers.fill(r, prompts)
     ivs = [[I.Record(hooks=list(RECORD), positions=[p.input_ids.shape[1] - 1])] for p in prompts]
     return _batched(r, prompts, ivs, decode_config(r), batch_size)
 
@@ -125,7 +88,7 @@ def _swap(z, k_trace: int) -> list:
     return ([I.ChangeK(k=n)] if n < k_trace else []) + [I.SwapLatent(source=z.tolist())]
 
 
-def derived_rows(r: LatentReasoner, items: list[Item], clean: list, towers: Towers, seed: int = 0,
+def derived_rows(r: LatentReasoner, items: list[Item], clean: list, seed: int = 0,
                  batch_size: int = 16) -> list[dict]:
     """Every derived question of every item under every condition (`derived.CONDITIONS`)."""
     qs = [d for it in items for d in D.derived_questions(it, seed)]
@@ -135,12 +98,10 @@ def derived_rows(r: LatentReasoner, items: list[Item], clean: list, towers: Towe
     donor = {it.id: items[d].id for it, d in zip(items, don)}
     related = [d for d in qs if d.kind == "related"]
     prompts = [r.prompt(d.query) for d in related]
-    towers.fill(r, prompts)
     traces = dict(zip([d.query.id for d in related], _batched(r, prompts, [[] for _ in prompts], decode_config(r),
                                                               batch_size)))
     trace = [by_item[d.item] if d.kind == "same" else traces[d.query.id] for d in qs]
     blank = [r.prompt(d.query, [I.BlankImage()]) for d in qs]
-    towers.fill(r, blank)
     edits = {
         "latents": [[] if d.kind == "same" else _swap(z[d.item], t.k) for d, t in zip(qs, trace)],
         "zero": [[I.ZeroLatent()] for _ in qs],
@@ -188,7 +149,7 @@ def run_probe_study(root: str | Path, store_dir: str | Path, items: list[Item], 
 
 
 def _run(root, store_dir, items, models, derived_models, seed, device, n_splits, tasks, n_jobs, progress):
-    store, towers, memo = ResultsStore(store_dir), Towers(), {}
+    store, memo = ResultsStore(store_dir), {}
     frames: dict[str, list] = {"states": [], "derived": [], "probes": []}
     ids = [it.id for it in items]
     for m in tqdm(models, desc="models", disable=not progress):
@@ -202,10 +163,10 @@ def _run(root, store_dir, items, models, derived_models, seed, device, n_splits,
                                                                      for c in D.CONDITIONS]))
         if states.missing([(i, "clean") for i in ids]) or need_derived:
             r = LatentReasoner.from_pretrained(folder, device=device)
-            clean = clean_traces(r, items, towers)
+            clean = clean_traces(r, items)
             store_states(r, items, clean, states)
             if need_derived:
-                derived.add(derived_rows(r, items, clean, towers, seed))
+                derived.add(derived_rows(r, items, clean, seed))
         have = pd.Series([row["condition"] for row in probes.rows()], dtype=object).value_counts().to_dict()
         for _, rows in P.probe_rows(load_states(states, items), seed, n_splits, tasks=tasks, have=have, memo=memo,
                                     n_jobs=n_jobs):

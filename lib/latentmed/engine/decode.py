@@ -558,7 +558,7 @@ class Decoder:
             records["unembed.hook_logits"] = torch.stack(row.logits) if row.logits else torch.zeros(0)
             where["unembed.hook_logits"] = [len(row.prompt) + i for i in range(len(row.logits))]
         if "vision.hook_out" in names and self.image_feats[r] is not None:
-            records["vision.hook_out"] = self.image_feats[r].float().cpu()
+            records["vision.hook_out"] = self.image_feats[r].float().cpu().clone()  # never the memo's own tensor
             where["vision.hook_out"] = [i for i, t in enumerate(row.prompt) if t == self.ids.image]
         return records, where
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .memo import image_key
 from .query import Query, as_image
 
 IMAGE_PAD = "<|image_pad|>"
@@ -31,6 +32,7 @@ class Encoded:
     pixel_values: torch.Tensor | None  # [n_patches, C*T*p*p]
     image_grid_thw: torch.Tensor | None  # [n_images, 3]
     text: str  # prompt before pad expansion
+    pixel_key: str | None = None  # digest of the images and processor settings (`memo.image_key`)
 
     def mm_token_type_ids(self, image_token_id: int) -> torch.Tensor:
         return (self.input_ids == image_token_id).int()
@@ -51,6 +53,7 @@ class Prompt(Encoded):
     source_pixels: torch.Tensor | None = None  # image a non-hidden latent source reads (scene or crop)
     source_grid: torch.Tensor | None = None
     source_index: list[int] | None = None  # which of its merged tokens (None: all), in slot order
+    source_key: str | None = None  # digest of the source image (`memo.image_key`)
     features: torch.Tensor | None = field(default=None, repr=False, compare=False)  # merged image tokens, once computed
 
     @property
@@ -88,9 +91,11 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
         images = [images]
     if text.count(IMAGE_PAD) != len(images):
         raise ValueError(f"prompt has {text.count(IMAGE_PAD)} {IMAGE_PAD} markers but {len(images)} images were given")
-    pixel_values = grid = None
+    pixel_values = grid = key = None
     if images:
+        images = [as_image(im, f"image {i}") for i, im in enumerate(images)]
         pixel_values, grid = pixels(processor, images)
+        key = image_key(processor, images)
         merge = getattr(processor, "merge_size", 2)
         parts = text.split(IMAGE_PAD)
         text_expanded = parts[0]
@@ -99,7 +104,7 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
     else:
         text_expanded = text
     ids = tokenizer(text_expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return Encoded(ids, pixel_values, grid, text)
+    return Encoded(ids, pixel_values, grid, text, key)
 
 
 def chat_prompt(tokenizer, user_text: str, n_images: int = 1, system: str | None = None,

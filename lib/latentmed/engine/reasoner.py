@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import memo
 from .answers import option_token_ids as first_token_ids
 from .checkpoint import load
 from .decode import DecodeConfig, generate
@@ -22,7 +23,7 @@ from .inputs import Prompt, chat_prompt, encode, pixels
 from .interventions import apply_query_edits, as_interventions, by_point
 from .layouts import answer_prefix, degrade, is_testbed, testbed_prompt
 from .layouts import option_token_ids as testbed_option_ids
-from .query import Query
+from .query import Query, as_image
 from .replay import ReplayResult, continue_from, regenerate, replay
 from .spec import LETTERS, LatentSpec, SpecIds
 from .trace import Trace
@@ -82,8 +83,13 @@ class LatentReasoner:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     # ---- model calls (all positions explicit: `rope_deltas` state is never read) ----
-    def _tower(self, pix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.model.model.get_image_features(pix.to(self.device), grid.to(self.device)).pooler_output)
+    def _tower(self, pix: torch.Tensor, grid: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Merged image tokens [N, H] of `pix`; memoised by content when the pixels carry a `key`
+        (`memo.image_key`: the zoo's models share one tower, so a study computes each image once)."""
+        def compute(p, g):
+            return torch.cat(self.model.model.get_image_features(p.to(self.device), g.to(self.device)).pooler_output)
+
+        return memo.tower(self.model, pix, grid, key, compute)
 
     def image_features(self, encs, row_ivs) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Merged image tokens of every row, each row's block edited by its feature edits: the
@@ -95,7 +101,7 @@ class LatentReasoner:
                 continue
             f = getattr(e, "features", None)
             if f is None:
-                f = self._tower(e.pixel_values, e.image_grid_thw)
+                f = self._tower(e.pixel_values, e.image_grid_thw, getattr(e, "pixel_key", None))
                 if isinstance(e, Prompt):
                     e.features = f  # the tower is run once per prompt
             for iv in by_point(ivs, "features"):
@@ -107,7 +113,7 @@ class LatentReasoner:
     def source_features(self, prompt: Prompt) -> torch.Tensor:
         """The vectors a non-hidden latent source feeds [n, H]: the merged tokens of the evidence
         crop, or those of the full-resolution scene at the evidence cells."""
-        f = self._tower(prompt.source_pixels, prompt.source_grid)
+        f = self._tower(prompt.source_pixels, prompt.source_grid, prompt.source_key)
         if prompt.source_index is None:
             return f
         if not prompt.source_index:  # no evidence (e.g. zero objects to count): zero vectors
@@ -172,21 +178,24 @@ class LatentReasoner:
                                assistant_prefix=spec.assistant_prefix)
             enc = encode(self.tokenizer, self.processor, text, images)
             after, opt = None, (self.option_ids(query.options) if query.options else None)
-        src_pix = src_grid = src_index = None
+        src_pix = src_grid = src_index = src_key = None
         if spec.latent_source == "evidence_crop":
             if query.crop is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence crop's "
                                  "tokens as latents, but the query has no crop")
             src_pix, src_grid = pixels(self.processor, [query.crop])
+            src_key = memo.image_key(self.processor, [as_image(query.crop)])
         elif spec.latent_source == "evidence_tokens":
             if query.evidence_boxes is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence cells' "
                                  "tokens as latents, but the query has no evidence boxes")
             src_pix, src_grid = pixels(self.processor, [query.images[0]])
+            src_key = memo.image_key(self.processor, [as_image(query.images[0])])
             src_index = evidence_tokens(query.evidence_boxes, query.images[0].size, src_grid[0],
                                         getattr(self.processor, "merge_size", 2) * getattr(self.processor, "patch_size", 14))
-        return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, query=query, option_ids=opt,
-                      after_segment_ids=after, source_pixels=src_pix, source_grid=src_grid, source_index=src_index)
+        return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, enc.pixel_key, query=query,
+                      option_ids=opt, after_segment_ids=after, source_pixels=src_pix, source_grid=src_grid,
+                      source_index=src_index, source_key=src_key)
 
     def build_inputs(self, images: Image.Image | list[Image.Image] | None, question: str,
                      options: list[str] | None = None, edits=()) -> Prompt:

@@ -1,0 +1,116 @@
+"""A content-keyed memo of the vision tower's output, shared by every reasoner in a process.
+
+The same pixels through the same tower weights give the same merged image tokens. The zoo's
+models all carry the base's frozen tower, and a study runs the same images (and the same
+perturbed images) through every model, so each distinct (tower, image) pair is computed once:
+the key is a digest of the tower's weights (recomputed when a weight is changed in place) and a
+digest of the image bytes with the image processor's settings (`image_key`). A hit returns the
+tensor the tower computed for that key, so results are the same with the memo as without it.
+Bounded by bytes, least recently used first out; `LATENTMED_FEATURE_MEMO_MB` sets the bound
+(0 turns the memo off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+
+import torch
+
+from ..files import state_hash
+
+# A tower with more parameters than this is keyed by its identity instead of a digest of its
+# weights (hashing a 7B model's tower on every load would cost more than it saves).
+DIGEST_MAX_PARAMS = 50_000_000
+
+
+class FeatureMemo:
+    """key -> tensor, least recently used first out once `max_bytes` is exceeded."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+MEMO = FeatureMemo(int(float(os.environ.get("LATENTMED_FEATURE_MEMO_MB", "512")) * 2**20))
+
+
+def weights_key(module: torch.nn.Module) -> str:
+    """A digest of `module`'s weights (its identity for very large modules), kept on the module and
+    recomputed when a parameter or buffer was changed in place since (torch's version counters)."""
+    tensors = list(module.state_dict(keep_vars=True).values())
+    versions = tuple(t._version for t in tensors)
+    cached = getattr(module, "_latentmed_weights_key", None)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    big = sum(t.numel() for t in tensors) > DIGEST_MAX_PARAMS
+    key = f"id-{id(module)}-{hash(versions)}" if big else state_hash(module)
+    module._latentmed_weights_key = (versions, key)
+    return key
+
+
+def processor_key(processor) -> str:
+    """A digest of an image processor's settings (kept on the processor)."""
+    key = getattr(processor, "_latentmed_key", None)
+    if key is None:
+        settings = processor.to_dict() if hasattr(processor, "to_dict") else {"type": type(processor).__name__}
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        try:
+            processor._latentmed_key = key
+        except AttributeError:  # a processor that takes no new attributes is hashed each time
+            pass
+    return key
+
+
+def image_key(processor, images) -> str:
+    """A digest of what determines the pixels of `images` (PIL images): mode, size and bytes of each,
+    and the processor's settings."""
+    h = hashlib.sha1(processor_key(processor).encode())
+    for im in images:
+        h.update(f"{im.mode}:{im.size[0]}x{im.size[1]}:".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def tower(model, pixel_values: torch.Tensor, grid: torch.Tensor, key: str | None, compute) -> torch.Tensor:
+    """The merged tokens of `pixel_values` through `model`'s tower: memoised when the pixels carry a
+    `key` (`image_key`), else computed."""
+    if key is None or MEMO.max_bytes <= 0:
+        return compute(pixel_values, grid)
+    full = (weights_key(model.model.visual), key, tuple(grid.flatten().tolist()), str(model.device),
+            str(model.dtype))
+    hit = MEMO.get(full)
+    if hit is not None:
+        return hit
+    out = compute(pixel_values, grid)
+    MEMO.put(full, out)
+    return out
