@@ -127,10 +127,18 @@ def main_frame(result: dict) -> pd.DataFrame:
 
 
 def main_chart(result: dict) -> alt.Chart:
+    """The build's jobs on a time line (each bar from its start to its end; side by side where
+    they ran at once), or one bar per stage for a result without start times."""
     df = main_frame(result)
+    if "start" not in df:
+        return alt.Chart(df).mark_bar().encode(
+            y=alt.Y("stage:N", sort=None, title=None), x=alt.X("seconds:Q", title="seconds"),
+            color=alt.Color("kind:N", title=None)).properties(title="The main command, stage by stage", height=300)
+    df = df.assign(end=df["start"] + df["seconds"])
     return alt.Chart(df).mark_bar().encode(
-        y=alt.Y("stage:N", sort=None, title=None), x=alt.X("seconds:Q", title="seconds"),
-        color=alt.Color("kind:N", title=None)).properties(title="The main command, stage by stage", height=300)
+        y=alt.Y("stage:N", sort=None, title=None), x=alt.X("start:Q", title="seconds since the start"), x2="end:Q",
+        color=alt.Color("kind:N", title=None), tooltip=["stage", "seconds", "start"]).properties(
+        title=f"The main command's jobs over time ({result.get('total_s', 0) / 60:.1f} min in all)", height=360)
 
 
 # ---------------------------------------------------------------- PNG files

@@ -8,10 +8,10 @@ PYTHONPATH, and the environment stage is only the check). Every line the build p
 timestamped as it arrives; the stages are read from them:
 
     environment   "[env] ready in N s" (else: until the build's first own line)
-    data          "[testbed] done in N s"
-    each model    "[zoo] <name>: trained in N s", and the seconds each zoo.json records
-    each chapter  from its "[book] executing <chapter>" line to the next chapter's (or the end)
-    book build    "[html] done in N s"
+    each job      from its "[job] NAME: started" line, "[job] NAME: done in N s" (the build runs
+                  jobs side by side: each stage has its start, and their seconds add up to more
+                  than the wall time); the data, each model, the feature banks, each chapter, the HTML
+    the build     "[build] done in N s"
 
 It takes tens of minutes on 2 cores; when the 1-minute load average is above `--main-max-load`
 the run is refused and the result says why (a build timed under another job's load is noise).
@@ -32,39 +32,47 @@ from pathlib import Path
 from . import common
 from .common import ROOT, log
 
-DONE = re.compile(r"^\[(env|testbed|train|notebooks|html)\] (?:done|ready) in ([0-9.]+) s")
-MODEL = re.compile(r"^\[zoo\] (\S+): trained in ([0-9.]+) s")
-CHAPTER = re.compile(r"^\[book\] executing (\S+)")
+ENV = re.compile(r"^\[env\] ready in ([0-9.]+) s")
+JOB = re.compile(r"^\[job\] (.+?): (started|done in ([0-9.]+) s)")
+BUILD = re.compile(r"^\[build\] done in ([0-9.]+) s")
+
+
+def stage_of(job: str) -> tuple[str, str]:
+    """(stage name, kind) of a build job's name."""
+    if job == "testbed":
+        return "data (testbed)", "data"
+    if job == "banks":
+        return "feature banks", "model"
+    if job == "html":
+        return "book build (HTML)", "book"
+    return job, job.split(" ", 1)[0]  # "model X" / "chapter X"
 
 
 def parse(lines: list[tuple[float, str]], total: float) -> dict:
     """Stages from (seconds since start, line) pairs of a build's output (see the module docstring)."""
-    done, models, chapters = {}, [], []
+    env = next((float(m.group(1)) for _, ln in lines if (m := ENV.match(ln.strip()))), None)
     first_own = next((t for t, ln in lines if ln.startswith("[") and not ln.startswith("[env]")), None)
+    started, stages, build = {}, [], None
     for t, ln in lines:
         ln = ln.strip()
-        if m := DONE.match(ln):
-            done[m.group(1)] = float(m.group(2))
-        elif m := MODEL.match(ln):
-            models.append(dict(stage=f"model {m.group(1)}", kind="model", seconds=float(m.group(2))))
-        elif m := CHAPTER.match(ln):
-            chapters.append([m.group(1), t])
-    ends = [t for _, t in chapters[1:]]
-    nb_end = next((t for t, ln in lines if ln.startswith("[notebooks] done")), None)
-    ends.append(nb_end if nb_end is not None else total)
-    stages = [dict(stage="environment", kind="environment",
-                   seconds=done.get("env", first_own if first_own is not None else 0.0))]
-    if "testbed" in done:
-        stages.append(dict(stage="data (testbed)", kind="data", seconds=done["testbed"]))
-    stages += models
-    trained = sum(m["seconds"] for m in models)
-    if "train" in done and done["train"] - trained > 1:
-        stages.append(dict(stage="train: feature banks and the rest", kind="model", seconds=done["train"] - trained))
-    stages += [dict(stage=f"chapter {name}", kind="chapter", seconds=end - start)
-               for (name, start), end in zip(chapters, ends)]
-    if "html" in done:
-        stages.append(dict(stage="book build (HTML)", kind="book", seconds=done["html"]))
-    return dict(stages=stages, totals={k: v for k, v in done.items()}, total_s=total)
+        if m := JOB.match(ln):
+            if m.group(2) == "started":
+                started[m.group(1)] = t
+            else:
+                name, kind = stage_of(m.group(1))
+                secs = float(m.group(3))
+                start = round(started.get(m.group(1), t - secs), 1)
+                stages.append(dict(stage=name, kind=kind, seconds=secs, start=start))
+        elif m := BUILD.match(ln):
+            build = float(m.group(1))
+    stages.sort(key=lambda s: s["start"])
+    env_s = env if env is not None else (first_own if first_own is not None else 0.0)
+    stages.insert(0, dict(stage="environment", kind="environment", seconds=env_s, start=0.0))
+    totals = {kind: round(sum(s["seconds"] for s in stages if s["kind"] == kind), 1)
+              for kind in ("data", "model", "chapter", "book")}
+    if build is not None:
+        totals["build"] = build
+    return dict(stages=stages, totals=totals, total_s=total)
 
 
 def zoo_seconds(models_dir: Path) -> dict:

@@ -244,31 +244,36 @@ def test_kv_cache_size_from_the_config(load):
     assert bench_scaling.kv_cache_mb(r, 3, 10) == pytest.approx(3 * 10 * per_token / 2**20)
 
 
-BUILD_LOG = """[env] ready in 95 s
-[testbed] done in 30.5 s
-[zoo] base: trained in 300 s, validation accuracy 0.9
-[zoo] direct: reused (trained earlier in 50 s with the same settings), validation accuracy 0.8
-[zoo] monet-style: trained in 200 s, validation accuracy 0.7
-[train] done in 520.0 s
-[book] executing 01_testbed
-[book] executing 02_zoo
-[notebooks] done in 300.0 s
-[book] building HTML
-[html] done in 40.0 s"""
+BUILD_LOG = """[env] ready in 95.0 s
+[build] 5 jobs, up to 2 at a time; each job's output in build/main/logs/
+[job] testbed: started (1 thread, log build/main/logs/testbed.log)
+[job] testbed: done in 30.5 s
+[job] model base: started (2 threads, log build/main/logs/model-base.log)
+[job] model base: done in 300.0 s
+[job] chapter 01_testbed: started (1 thread, log build/main/logs/chapter-01_testbed.log)
+[job] model monet-style: started (1 thread, log build/main/logs/model-monet-style.log)
+[job] model direct: up to date
+[job] chapter 01_testbed: done in 100.0 s
+[job] model monet-style: done in 200.0 s
+[job] html: started (1 thread, log build/main/logs/html.log)
+[job] html: done in 40.0 s
+[build] done in 700.0 s: 4 run, 1 up to date, 0 failed"""
 
 
 def test_main_build_stages_are_read_from_the_build_output():
-    times = [1, 96, 127, 430, 431, 630, 650, 660, 760, 960, 961, 1001]
+    times = [1, 96, 97, 98, 128, 129, 430, 431, 431, 432, 531, 632, 633, 673, 674]
     lines = list(zip(times, ["Collecting ..."] + BUILD_LOG.splitlines()))
-    got = main_build.parse(lines, total=1001.0)
-    st = {s["stage"]: s["seconds"] for s in got["stages"]}
-    assert st["environment"] == 95 and st["data (testbed)"] == 30.5
-    assert st["model base"] == 300 and st["model monet-style"] == 200 and "model direct" not in st
-    assert st["train: feature banks and the rest"] == pytest.approx(20.0)
-    assert st["chapter 01_testbed"] == 760 - 660 and st["chapter 02_zoo"] == 960 - 760
-    assert st["book build (HTML)"] == 40.0 and got["total_s"] == 1001.0
-    no_env = main_build.parse([(12.0, "[testbed] done in 3 s")], total=20.0)
-    assert no_env["stages"][0] == dict(stage="environment", kind="environment", seconds=12.0)
+    got = main_build.parse(lines, total=700.0)
+    st = {s["stage"]: s for s in got["stages"]}
+    assert st["environment"]["seconds"] == 95 and st["data (testbed)"]["seconds"] == 30.5
+    assert st["model base"]["seconds"] == 300 and st["model base"]["start"] == 129
+    assert st["model monet-style"]["seconds"] == 200 and "model direct" not in st  # up to date: not a stage
+    assert st["chapter 01_testbed"]["start"] == 431 and st["chapter 01_testbed"]["kind"] == "chapter"
+    assert st["book build (HTML)"]["seconds"] == 40.0 and got["total_s"] == 700.0
+    assert got["totals"] == dict(data=30.5, model=500.0, chapter=100.0, book=40.0, build=700.0)
+    assert [s["stage"] for s in got["stages"]][:3] == ["environment", "data (testbed)", "model base"]
+    no_env = main_build.parse([(12.0, "[job] testbed: started"), (15.0, "[job] testbed: done in 3 s")], total=20.0)
+    assert no_env["stages"][0] == dict(stage="environment", kind="environment", seconds=12.0, start=0.0)
 
 
 def test_main_build_refuses_on_a_loaded_machine(monkeypatch):

@@ -34,6 +34,11 @@ class Chapter:
     name: str  # notebooks/<name>.ipynb
     ci_params: dict = field(default_factory=dict)  # small run checked by nbval in CI
     inputs: tuple[str, ...] = ()  # files (relative to data/ or models/) whose change re-runs it
+    needs: str = "zoo"  # what the build trains first: "none", "data" (the testbed), "zoo", "dose" (the zoo and chapter 10's series)
+    after: tuple[str, ...] = ()  # chapters whose stored runs it reads (they run first in the build, so
+    # that two chapters never compute the same run at once)
+    cost: float = 60.0  # expected seconds at default settings on one thread (orders the build's jobs;
+    # from benchmarks/results/main-cpu.json)
 
     @property
     def source(self) -> Path:
@@ -42,30 +47,35 @@ class Chapter:
 
 # Testbed sizes of the small "ci" profile (nbval copies and `latentmed build --profile ci`).
 CI_TESTBED = dict(n_train=40, n_val=8, n_test=40)
+_ZOO_INPUTS = ("data:testbed/manifest.json", "models:zoo/base/zoo.json")
 
 CHAPTERS = [
     Chapter("01_testbed", ci_params=dict(CI_TESTBED, n_examples=2, n_readability=20),
-            inputs=("data:testbed/manifest.json",)),
-    Chapter("02_zoo", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("03_input_to_latent", ci_params=dict(small_run=True, n_permutations=50),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("04_latent_to_answer", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("05_probing", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("07_capimagine", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("06_mediation", ci_params=dict(small_run=True, statsmodels_reps=20),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
-    Chapter("08_real", ci_params=dict(demo=True)),
-    Chapter("09_performance"),  # renders the committed benchmark results (benchmarks/results); runs nothing heavy
-    Chapter("10_dose", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),
+            inputs=("data:testbed/manifest.json",), needs="data", cost=50),
+    Chapter("02_zoo", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, cost=380),
+    Chapter("03_input_to_latent", ci_params=dict(small_run=True, n_permutations=50), inputs=_ZOO_INPUTS, cost=750),
+    Chapter("04_latent_to_answer", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, cost=380),
+    Chapter("05_probing", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, cost=100),
+    Chapter("07_capimagine", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, after=("04_latent_to_answer",),
+            cost=300),
+    Chapter("06_mediation", ci_params=dict(small_run=True, statsmodels_reps=20), inputs=_ZOO_INPUTS,
+            after=("04_latent_to_answer",), cost=1000),
+    Chapter("08_real", ci_params=dict(demo=True), needs="none", cost=10),
+    Chapter("09_performance", needs="none", cost=10),  # renders the committed benchmark results; runs nothing heavy
+    Chapter("10_dose", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, needs="dose",
+            cost=525),
     # the opening page reads what the chapters stored: it runs last and is shown first
-    Chapter("00_scorecard", ci_params=dict(small_run=True),
-            inputs=("data:testbed/manifest.json", "models:zoo/base/zoo.json")),  # real track: renders a GPU run's results folder
+    Chapter("00_scorecard", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS,
+            after=("02_zoo", "03_input_to_latent", "04_latent_to_answer", "05_probing", "07_capimagine"), cost=40),
 ]
+
+
+def chapter(name: str) -> Chapter:
+    """The chapter called `name` (e.g. "03_input_to_latent")."""
+    for c in CHAPTERS:
+        if c.name == name:
+            return c
+    raise ValueError(f"unknown chapter {name!r}; chapters: {', '.join(c.name for c in CHAPTERS)}")
 
 
 # Names IPython puts into a kernel's globals that are never parameters.
@@ -172,6 +182,12 @@ def stamp(chapter: Chapter, params: dict) -> str:
     return h.hexdigest()
 
 
+def is_current(chapter: Chapter, out_dir: Path, params: dict | None = None) -> bool:
+    """Whether `out_dir` holds an executed copy of `chapter` stamped with what it depends on now."""
+    out, stamp_file = out_dir / chapter.source.name, out_dir / f".{chapter.name}.stamp"
+    return out.exists() and stamp_file.exists() and stamp_file.read_text() == stamp(chapter, dict(params or {}))
+
+
 def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: bool = False) -> Path:
     """Run one chapter with papermill into `out_dir`, unless an up-to-date copy is there.
 
@@ -185,8 +201,7 @@ def execute(chapter: Chapter, out_dir: Path, params: dict | None = None, force: 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / chapter.source.name
     stamp_file = out_dir / f".{chapter.name}.stamp"
-    want = stamp(chapter, params)
-    if not force and out.exists() and stamp_file.exists() and stamp_file.read_text() == want:
+    if not force and is_current(chapter, out_dir, params):
         print(f"[book] {chapter.name}: up to date")
         return out
     print(f"[book] executing {chapter.name} {params or ''}")

@@ -6,8 +6,8 @@ import argparse
 import os
 import time
 
-from . import book
-from .paths import ROOT, data_dir
+from . import book, pipeline
+from .paths import ROOT
 
 
 def _timed(label: str, fn, *args, **kw):
@@ -17,21 +17,9 @@ def _timed(label: str, fn, *args, **kw):
     return out
 
 
-def cmd_testbed(args) -> None:
-    from .testbed.dataset import ensure
-    from .testbed.items import TestbedConfig
-
-    sizes = book.CI_TESTBED if args.profile == "ci" else {}
-    config = TestbedConfig(**sizes)
-    _timed("testbed", ensure, config, data_dir() / "testbed")
-
-
 def cmd_train(args) -> None:
-    try:
-        from . import zoo
-    except ImportError:
-        print("[train] no model zoo in this version; skipped")
-        return
+    from . import zoo
+
     _timed("train", zoo.train_zoo, budget="ci" if args.profile == "ci" else "default")
 
 
@@ -45,11 +33,13 @@ def cmd_html(args) -> None:
 
 
 def cmd_build(args) -> None:
-    cmd_testbed(args)
-    if not args.skip_train:
-        cmd_train(args)
-    cmd_notebooks(args)
-    cmd_html(args)
+    pipeline.build(args.profile, args.force, args.skip_train, lanes=args.workers)
+
+
+def cmd_job(args) -> None:
+    t0 = time.perf_counter()
+    pipeline.run_job(" ".join(args.name), args.profile, args.force)
+    print(f"[job] {' '.join(args.name)} done in {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_nbval(args) -> None:
@@ -61,11 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="latentmed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     steps = {
-        "build": (cmd_build, "everything: testbed, models, notebooks, HTML book (reuses what is built)"),
-        "testbed": (cmd_testbed, "generate the synthetic testbed into data/testbed"),
+        "build": (cmd_build, "everything: testbed, models, notebooks, HTML book, several jobs at a time "
+                             "(reuses what is built)"),
+        "testbed": (lambda a: _timed("testbed", pipeline.make_testbed, a.profile),
+                    "generate the synthetic testbed into data/testbed"),
         "train": (cmd_train, "train the testbed model zoo into models/"),
         "notebooks": (cmd_notebooks, "execute the chapters with papermill into book/chapters"),
         "html": (cmd_html, "build the Jupyter Book into _build/html"),
+        "job": (cmd_job, "one job of the build: testbed, banks, 'model NAME', 'chapter NAME' or html"),
         "nbval-refresh": (cmd_nbval, "re-execute the CI copies in tests/notebooks (then commit them)"),
     }
     for name, (fn, help_) in steps.items():
@@ -74,7 +67,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--profile", choices=["default", "ci"], default="default",
                        help="default: full sizes; ci: small sizes for a quick check")
         p.add_argument("--force", action="store_true", help="redo steps even if up to date")
-        p.add_argument("--skip-train", action="store_true", help="build: do not train models")
+        if name == "build":
+            p.add_argument("--skip-train", action="store_true", help="do not train models (use those there are)")
+            p.add_argument("--workers", type=int, default=None, metavar="N",
+                           help="threads' worth of jobs at a time (default: LATENTMED_WORKERS, else the number "
+                                "of cores; each job but the base model runs on one thread)")
+        if name == "job":
+            p.add_argument("name", nargs="+", help="the job, e.g. testbed, banks, model base, chapter 02_zoo, html")
     args = parser.parse_args(argv)
     if args.profile == "ci":  # keep the small run's files apart from the full build
         for name in ("DATA", "MODELS", "RESULTS"):
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.setdefault(f"LATENTMED_{name}", str(ROOT / "build" / "test" / name.lower()))
     try:
         args.fn(args)
-    except (ValueError, OSError) as exc:  # bad input: the message names the file or argument
+    except (ValueError, OSError, pipeline.BuildFailed) as exc:  # bad input or a failed job: the message names it
         parser.exit(1, f"latentmed: error: {exc}\n")
 
 

@@ -43,23 +43,28 @@ def _z(trace):
     return None if seg is None or seg.z_in is None or not len(seg.z_in) else seg.z_in
 
 
-def perturbed_runs(reasoner, prompts, perturb: Condition, config, batch_size: int = 16) -> list:
-    """The run of every prompt on its perturbed input X' (for its latents Z(X'))."""
-    from ..engine.sweep import sweep_many
+def stored_latents(run, items: list[str], condition: str) -> list:
+    """Z of `condition`'s stored rows (the fed latents kept with them), in the order of `items`
+    (None where a run has no latents): the mixed runs read Z(X') from the X' run's own rows."""
+    rows = [r for r in run.rows() if r["condition"] == condition]
+    by_item = {r["item"]: ts.get("z_in") for r, ts in zip(rows, run.tensors_many(rows))}
+    return [None if by_item.get(i) is None or not len(by_item[i]) else by_item[i] for i in items]
 
-    return [t[0] for t in sweep_many(reasoner, prompts, [[perturb.make(n)] for n in range(len(prompts))], config,
-                                     batch_size)]
+
+def perturbed_condition(perturb: Condition) -> Condition:
+    """The run on X' itself, Y(X', Z(X')): its latents are kept for the mixed runs."""
+    return Condition(f"{perturb.name}:xp_zxp", perturb.make)
 
 
-def mixed_conditions(perturb: Condition, clean: list, pert: list) -> list[Condition]:
-    """The perturbed run and the two mixed runs of one perturbation, as conditions of `measure`."""
+def mixed_conditions(perturb: Condition, z_clean: list, z_pert: list) -> list[Condition]:
+    """The two mixed runs of one perturbation, as conditions of `measure`: X with Z(X') and X'
+    with Z(X) (`z_clean`, `z_pert`: each item's latents, None where it has none)."""
     def swap(z):
         return [I.SwapLatent(source=z.tolist())] if z is not None else []
 
     name = perturb.name
-    return [Condition(f"{name}:xp_zxp", lambda n: perturb.make(n)),
-            Condition(f"{name}:x_zxp", lambda n: swap(_z(pert[n]))),
-            Condition(f"{name}:xp_zx", lambda n: perturb.make(n) + swap(_z(clean[n])))]
+    return [Condition(f"{name}:x_zxp", lambda n: swap(z_pert[n])),
+            Condition(f"{name}:xp_zx", lambda n: perturb.make(n) + swap(z_clean[n]))]
 
 
 def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: list[str],
@@ -80,12 +85,13 @@ def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: lis
         if run.missing(keys):
             r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
             cfg = decode_config(r)
-            prompts = [r.prompt(q) for q in qs]
             clean = measure(r, qs, [], run, cfg)
+            z_clean = [_z(t) for t in clean]
             for p in perturbations:
                 if run.missing([k for k in keys if k[1].startswith(f"{p}:")]):
-                    pert = perturbed_runs(r, prompts, base[p], cfg)
-                    measure(r, qs, mixed_conditions(base[p], clean, pert), run, cfg, clean=clean, keep=latents)
+                    measure(r, qs, [perturbed_condition(base[p])], run, cfg, clean=clean, keep=latents)
+                    z_pert = stored_latents(run, [q.id for q in qs], f"{p}:xp_zxp/generate")
+                    measure(r, qs, mixed_conditions(base[p], z_clean, z_pert), run, cfg, clean=clean, keep=latents)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import memo
+from .memo import image_key, tower
 from .answers import option_token_ids as first_token_ids
 from .checkpoint import load
 from .decode import DecodeConfig, generate
@@ -89,7 +89,7 @@ class LatentReasoner:
         def compute(p, g):
             return torch.cat(self.model.model.get_image_features(p.to(self.device), g.to(self.device)).pooler_output)
 
-        return memo.tower(self.model, pix, grid, key, compute)
+        return tower(self.model, pix, grid, key, compute)
 
     def image_features(self, encs, row_ivs) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Merged image tokens of every row, each row's block edited by its feature edits: the
@@ -184,13 +184,13 @@ class LatentReasoner:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence crop's "
                                  "tokens as latents, but the query has no crop")
             src_pix, src_grid = pixels(self.processor, [query.crop])
-            src_key = memo.image_key(self.processor, [as_image(query.crop)])
+            src_key = image_key(self.processor, [as_image(query.crop)])
         elif spec.latent_source == "evidence_tokens":
             if query.evidence_boxes is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence cells' "
                                  "tokens as latents, but the query has no evidence boxes")
             src_pix, src_grid = pixels(self.processor, [query.images[0]])
-            src_key = memo.image_key(self.processor, [as_image(query.images[0])])
+            src_key = image_key(self.processor, [as_image(query.images[0])])
             src_index = evidence_tokens(query.evidence_boxes, query.images[0].size, src_grid[0],
                                         getattr(self.processor, "merge_size", 2) * getattr(self.processor, "patch_size", 14))
         return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, enc.pixel_key, query=query,
