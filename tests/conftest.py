@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
-import torch
+from latentmed.paths import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch computes: the nbval kernels inherit it (paths.REPRODUCIBLE_CPU)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from latentmed.engine.reasoner import LatentReasoner
 from latentmed.engine.tiny import make_tiny_checkpoint
 from latentmed.engine.tokenizer import load_tokenizer

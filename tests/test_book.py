@@ -1,5 +1,6 @@
 """The build: chapters are registered, well-formed, executed once and re-used when unchanged."""
 
+import os
 import json
 from pathlib import Path
 
@@ -136,3 +137,13 @@ def test_executed_copies_name_no_machine_folders():
         meta = json.loads(path.read_text())["metadata"].get("papermill", {})
         for key in ("input_path", "output_path"):
             assert not Path(meta.get(key, "")).is_absolute(), f"{path.name}: {key} {meta[key]!r}"
+
+
+def test_cpu_kernels_are_pinned_for_the_ci_copies_and_a_set_value_is_kept(monkeypatch):
+    from latentmed import paths
+
+    assert os.environ.get("MKL_CBWR")  # conftest pinned them before torch ran: the nbval kernels inherit it
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    paths.pin_cpu_kernels()
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"

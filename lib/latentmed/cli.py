@@ -43,6 +43,9 @@ def cmd_job(args) -> None:
 
 
 def cmd_nbval(args) -> None:
+    from .paths import pin_cpu_kernels
+
+    pin_cpu_kernels()  # the kernels compute as the tests' kernels do
     for path in book.refresh_nbval():
         print(f"[nbval] wrote {path}")
 
