@@ -1,7 +1,7 @@
 """The build: chapters are registered, well-formed, executed once and re-used when unchanged."""
 
-import os
 import json
+import os
 from pathlib import Path
 
 import nbformat
