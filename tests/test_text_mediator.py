@@ -116,6 +116,7 @@ def test_items_whose_span_lacks_the_answer_word_are_reported_not_dropped(fresh, 
     check = tm.instrument_check(rows).set_index("items")
     closed = check.iloc[0]
     assert closed["same answer"] == closed["clean answered"] == closed["n"]  # refill == clean, item for item
+    assert closed["log-probs agree to 1e-4"]
 
 
 def test_a_killed_run_resumes_without_loss_or_duplicates(fresh, tmp_path, monkeypatch):

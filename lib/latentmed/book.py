@@ -242,8 +242,9 @@ def execute_all(force: bool = False, profile: str = "default") -> list[Path]:
 
 
 def refresh_nbval() -> list[Path]:
-    """Re-execute the CI copies that nbval checks (commit the result)."""
-    return [execute(c, NBVAL_OUT, c.ci_params, force=True) for c in available()]
+    """Re-execute the CI copies that nbval checks (commit the result), in the order pytest runs
+    them (by file name), so each copy sees the files the ones before it left, as in the test run."""
+    return [execute(c, NBVAL_OUT, c.ci_params, force=True) for c in sorted(available(), key=lambda c: c.name)]
 
 
 def build_html(force: bool = False) -> Path:

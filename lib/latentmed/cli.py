@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
+from pathlib import Path
 
 from . import book, pipeline
 from .paths import ROOT
@@ -46,6 +48,11 @@ def cmd_nbval(args) -> None:
     from .paths import pin_cpu_kernels
 
     pin_cpu_kernels()  # the kernels compute as the tests' kernels do
+    for name in ("DATA", "MODELS", "RESULTS"):  # start from empty folders, as a clean clone's test run does
+        folder = Path(os.environ[f"LATENTMED_{name}"])
+        if folder == ROOT / "build" / "test" / name.lower() and folder.exists():
+            print(f"[nbval] emptying {folder}")
+            shutil.rmtree(folder)
     for path in book.refresh_nbval():
         print(f"[nbval] wrote {path}")
 

@@ -420,8 +420,15 @@ def instrument_check(rows: pd.DataFrame) -> pd.DataFrame:
                     "same answer": int((g["chosen_clean"].astype("Int64") == g["chosen_refill"].astype("Int64"))
                                        .fillna(False).sum()),
                     "clean answered": int(g["chosen_clean"].notna().sum()),
-                    "max |log-prob difference|": float(max(lp)) if lp else np.nan})
+                    "log-probs agree to 1e-4": bool(lp) and max(lp) < 1e-4,
+                    "max |log-prob difference| below": _magnitude(max(lp)) if lp else "n/a"})
     return pd.DataFrame(out)
+
+
+def _magnitude(x: float) -> str:
+    """The power of ten just above `x` ("1e-06" for 8e-07): float noise shown as its size, so the
+    table reads the same on machines whose last bits differ."""
+    return "0" if x == 0 else f"{10.0 ** np.ceil(np.log10(x)):.0e}"
 
 
 def _follow(ref: pd.DataFrame, cond: pd.DataFrame) -> dict:
