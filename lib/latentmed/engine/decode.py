@@ -288,7 +288,7 @@ class Decoder:
         B = len(self.rows)
         bad = (~torch.isfinite(self.logits.sum(-1) + self.h.float().sum(-1))).tolist()
         greedy = self.logits.argmax(-1).tolist()
-        lsm = torch.log_softmax(self.logits, -1) if any(row.option_ids for row in self.rows) else None
+        lsm = self._option_logprobs()
         filler = self.ids.eos[0] if self.ids.eos else 0
         next_ids, vecs = [filler] * B, {}
         for r, row in enumerate(self.rows):
@@ -308,9 +308,18 @@ class Decoder:
         if not self.done:
             self._forward(next_ids, vecs, cursor)
 
+    def _option_logprobs(self) -> dict | None:
+        """Every row's option log-probs at this step, one gather per distinct option list (rows of
+        one sweep share theirs): {tuple of option ids: [B, n options]}."""
+        wanted = {tuple(row.option_ids) for row in self.rows if row.option_ids and row.mode != "done"}
+        if not wanted:
+            return None
+        lsm = torch.log_softmax(self.logits, -1)
+        return {ids: lsm[:, list(ids)] for ids in wanted}
+
     def _record_outputs(self, r: int, row: _Row, lsm) -> None:
         if row.option_ids:
-            row.opt_lp.append(lsm[r, row.option_ids])
+            row.opt_lp.append(lsm[tuple(row.option_ids)][r])
         if row.want_logits:
             row.logits.append(self.logits[r].cpu())
         if self.latent_in[r]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -81,13 +82,21 @@ class NoiseLatent(LatentFeed):
         _check_int(self, "seed")
 
     def noise(self, z: torch.Tensor, ctx: FeedContext) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.segment * 1009 + ctx.k)
-        d = torch.randn(z.shape[-1], generator=g, dtype=torch.float32)
-        return (d / d.norm() * self.scale * z.float().norm()).to(z.dtype).to(z.device)
+        d = _direction(self.seed * 1_000_003 + ctx.segment * 1009 + ctx.k, z.shape[-1])
+        return (d * self.scale * z.float().norm()).to(z.dtype).to(z.device)
 
     def apply(self, z, ctx):
         n = self.noise(z, ctx)
         return z + n if self.mode == "add" else n
+
+
+@functools.lru_cache(maxsize=4096)
+def _direction(seed: int, dim: int) -> torch.Tensor:
+    """The seeded unit direction of `NoiseLatent` (the same for every row and item that share the
+    seed, so a sweep draws it once); callers must not write into it."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(dim, generator=g, dtype=torch.float32)
+    return d / d.norm()
 
 
 @dataclass
