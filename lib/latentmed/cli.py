@@ -11,6 +11,8 @@ from pathlib import Path
 from . import book, pipeline
 from .paths import ROOT
 
+TEST_FOLDERS = ROOT / "build" / "test"  # the test suite's data, models and results (scripts/test.sh)
+
 
 def _timed(label: str, fn, *args, **kw):
     t0 = time.perf_counter()
@@ -50,7 +52,7 @@ def cmd_nbval(args) -> None:
     pin_cpu_kernels()  # the kernels compute as the tests' kernels do
     for name in ("DATA", "MODELS", "RESULTS"):  # start from empty folders, as a clean clone's test run does
         folder = Path(os.environ[f"LATENTMED_{name}"])
-        if folder == ROOT / "build" / "test" / name.lower() and folder.exists():
+        if folder == TEST_FOLDERS / name.lower() and folder.exists():
             print(f"[nbval] emptying {folder}")
             shutil.rmtree(folder)
     for path in book.refresh_nbval():
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.setdefault(f"LATENTMED_{name}", str(ROOT / "build" / "ci" / name.lower()))
     if args.command == "nbval-refresh":  # the CI copies run on the test suite's folders, as test.sh does
         for name in ("DATA", "MODELS", "RESULTS"):
-            os.environ.setdefault(f"LATENTMED_{name}", str(ROOT / "build" / "test" / name.lower()))
+            os.environ.setdefault(f"LATENTMED_{name}", str(TEST_FOLDERS / name.lower()))
     try:
         args.fn(args)
     except (ValueError, OSError, pipeline.BuildFailed) as exc:  # bad input or a failed job: the message names it

@@ -416,12 +416,13 @@ def instrument_check(rows: pd.DataFrame) -> pd.DataFrame:
                     ("span ended otherwise (clean run unanswered)", both[~closed])):
         lp = [np.max(np.abs(np.subtract(a, b))) for a, b in zip(g["logprobs_clean"], g["logprobs_refill"])
               if a is not None and b is not None]
+        worst = max(lp) if lp else None
         out.append({"items": what, "n": len(g),
                     "same answer": int((g["chosen_clean"].astype("Int64") == g["chosen_refill"].astype("Int64"))
                                        .fillna(False).sum()),
                     "clean answered": int(g["chosen_clean"].notna().sum()),
-                    "log-probs agree to 1e-4": bool(lp) and max(lp) < 1e-4,
-                    "max |log-prob difference| below": _magnitude(max(lp)) if lp else "n/a"})
+                    "log-probs agree to 1e-4": worst is not None and bool(worst < 1e-4),
+                    "max |log-prob difference| below": "n/a" if worst is None else _magnitude(worst)})
     return pd.DataFrame(out)
 
 
