@@ -70,6 +70,28 @@ def test_collate_aligns_segments_and_supervises_the_right_tokens(tok, bank):
     assert (b.attn_q >= 0).any() and b.attn_target.sum() > 0
 
 
+
+def test_cached_item_tokens_give_the_batches_a_cold_bank_gives(tok, bank):
+    """collate caches each item's token ids per layout: a warm bank, asked for another layout of
+    the same items, builds exactly the batch a bank with an empty cache builds."""
+    model = fresh(tok)
+    batching.bind_rope(model)
+    warm = replace(bank, token_cache={})
+    plans = [batching.Plan(SPECS["mirage-style"], n_latents=4, attn_weight=1.0),
+             batching.Plan(SPECS["mirage-style"], n_latents=2, attn_weight=1.0),
+             batching.Plan(SPECS["monet-style"], n_latents=0, with_crop=True),
+             batching.Plan(SPECS["capimagine"], hop_weight=1.0)]
+    for plan in plans:
+        batching.collate(tok, warm, [0, 3, 5, 7], plan)
+    assert len(warm.token_cache) == 4 * len(plans)  # one entry per item and layout
+    for plan in plans:
+        a = batching.collate(tok, warm, [7, 0, 3], plan)
+        b = batching.collate(tok, replace(bank, token_cache={}), [7, 0, 3], plan)
+        for f in ("ids", "attention_mask", "position_ids", "labels", "weights", "option_ids", "attn_target"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (plan.spec.method, plan.n_latents, f)
+    # the layouts differ, so a key that ignored them would have served the wrong ids
+    assert batching.collate(tok, warm, [0], plans[0]).ids.shape != batching.collate(tok, warm, [0], plans[1]).ids.shape
+
 def test_latent_loop_equals_teacher_forcing_with_its_own_latents(tok, bank):
     model = fresh(tok).eval()
     plan = batching.Plan(SPECS["lvr-style"], n_latents=8)

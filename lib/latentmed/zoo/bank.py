@@ -7,7 +7,7 @@ the tower's weights, the testbed config, the split, the counts and the kind of i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,9 @@ class FeatureBank:
     degraded: torch.Tensor | None = None  # [N, T, H] tokens of the degraded scene
     grid: tuple = (1, 16, 16)
     crop_grid: tuple = (1, 4, 4)
+    # each item's token ids per (tokenizer, layout), filled by `batching.collate`: a training run
+    # collates every pool item hundreds of times with the same layout
+    token_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)

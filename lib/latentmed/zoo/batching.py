@@ -157,20 +157,7 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     n_img = grid * grid
     n_crop = bank.crop_grid[1] * bank.crop_grid[2] // 4
 
-    def expand(seq, n):
-        out = []
-        for t in seq:
-            out.extend([image_id] * n if t == image_id else [t])
-        return out
-
-    rows = []
-    for it in items:
-        prompt = tok.encode(layouts.testbed_prompt(None, it, spec), add_special_tokens=False)
-        seg = tok.encode(layouts.segment_text(spec, it, plan.n_latents, plan.with_crop), add_special_tokens=False)
-        tail = tok.encode(layouts.answer_prefix(it, spec), add_special_tokens=False) if seg else []
-        # the answer, then end-of-turn: trained so free generation stops after the answer
-        ans = tok.encode(layouts.answer_text(it.answer_word), add_special_tokens=False) + [tok.eos_token_id]
-        rows.append((expand(prompt, n_img), expand(seg, n_crop) + tail, ans, len(tail)))
+    rows = [_item_tokens(tok, bank, i, plan, image_id, n_img, n_crop) for i in idx]
     B = len(items)
     P = max(len(r[0]) for r in rows)
     L = max(P + len(r[1]) + len(r[2]) for r in rows)
@@ -185,7 +172,7 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     hop_q = torch.full((B, 2), -1, dtype=torch.long)
     hop_target = torch.zeros((B, 2, L))
     feats, grids, crop_pos = [], [], []
-    for b, (it, (prompt_x, seg_x, ans, n_tail)) in enumerate(zip(items, rows)):
+    for b, (it, (prompt_x, seg_x, ans, n_tail, _)) in enumerate(zip(items, rows)):
         off = P - len(prompt_x)
         seq = prompt_x + seg_x + ans
         ids[b, off:off + len(seq)] = torch.tensor(seq)
@@ -255,7 +242,7 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
                 hop_target[b, 1, P - n_kw:P] = 1.0
     mm = (ids == image_id).int()
     pos = _rope_positions(ids, mm, torch.tensor(grids), am)
-    option_ids = torch.tensor([layouts.option_token_ids(tok, it.options) for it in items])
+    option_ids = torch.tensor([r[4] for r in rows])
     answer_index = torch.tensor([it.options.index(it.answer_word) for it in items])
     has_k = spec.has_latents and plan.n_latents > 0
     slot_start = P + 1 + (n_crop + 2 if plan.with_crop else 0) if has_k else -1
@@ -264,6 +251,33 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
                  option_ids, answer_index, torch.as_tensor(idx), [it.family for it in items],
                  torch.tensor(crop_pos) if crop_pos else None, hop_q, hop_target,
                  P + n_seg - 1 if spec.has_latents else -1)
+
+
+def _item_tokens(tok, bank: FeatureBank, i: int, plan: Plan, image_id: int, n_img: int, n_crop: int) -> tuple:
+    """(prompt, segment + restated key words, answer + end of turn, number restated, option ids) of
+    item `i` as token ids with image pads expanded; computed once per tokenizer and layout."""
+    spec = plan.spec
+    key = (tok, spec, plan.n_latents, plan.with_crop, i)
+    hit = bank.token_cache.get(key)
+    if hit is not None:
+        return hit
+
+    def expand(seq, n):
+        out = []
+        for t in seq:
+            out.extend([image_id] * n if t == image_id else [t])
+        return tuple(out)
+
+    it = bank.items[i]
+    prompt = tok.encode(layouts.testbed_prompt(None, it, spec), add_special_tokens=False)
+    seg = tok.encode(layouts.segment_text(spec, it, plan.n_latents, plan.with_crop), add_special_tokens=False)
+    tail = tok.encode(layouts.answer_prefix(it, spec), add_special_tokens=False) if seg else []
+    # the answer, then end-of-turn: trained so free generation stops after the answer
+    ans = tok.encode(layouts.answer_text(it.answer_word), add_special_tokens=False) + [tok.eos_token_id]
+    row = (expand(prompt, n_img), expand(seg, n_crop) + tuple(tail), tuple(ans), len(tail),
+           tuple(layouts.option_token_ids(tok, it.options)))
+    bank.token_cache[key] = row
+    return row
 
 
 _ROPE_MODEL = {}
