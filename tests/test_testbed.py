@@ -61,6 +61,18 @@ def test_same_seed_same_items_and_pixels(cfg):
         assert a.image.tobytes() == b.image.tobytes() and a.crop.tobytes() == b.crop.tobytes()
 
 
+def test_an_item_without_pixels_is_the_same_item(cfg):
+    """Feature banks whose tower tokens are cached skip the drawing: every field but the pixels
+    must be what the drawn item has (drawing consumes no randomness)."""
+    for f in FAMILIES:
+        for i in range(4):
+            drawn, bare = make_item(cfg, "train", f, i), make_item(cfg, "train", f, i, images=False)
+            assert bare.image is None and bare.crop is None and drawn.image is not None
+            assert json.dumps(bare.to_dict()) == json.dumps(drawn.to_dict())  # key order too
+            assert bare.objects and all(isinstance(o["cell"], list) and isinstance(o["bbox"], list)
+                                        for o in bare.objects)
+
+
 def test_item_depends_only_on_seed_split_family_index(cfg):
     other = TestbedConfig(n_train=100, n_val=0, n_test=1)
     assert make_item(cfg, "val", "glyph", 2).to_dict() == make_item(other, "val", "glyph", 2).to_dict()

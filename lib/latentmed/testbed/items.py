@@ -379,8 +379,9 @@ def crop_box(bboxes: list, image_size: int, pad: int = CROP_PAD) -> list[int]:
     return [left, top, left + side, top + side]
 
 
-def make_item(config: TestbedConfig, split: str, family: str, index: int) -> Item:
-    """Draw one item (with image and crop); a pure function of (seed, split, family, index)."""
+def make_item(config: TestbedConfig, split: str, family: str, index: int, images: bool = True) -> Item:
+    """Draw one item (with image and crop unless `images` is False: the same item without its
+    pixels, for callers that have its tower tokens); a pure function of (seed, split, family, index)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; known: {', '.join(FAMILIES)}")
     if split not in SPLITS:
@@ -395,8 +396,10 @@ def make_item(config: TestbedConfig, split: str, family: str, index: int) -> Ite
     facts = {k: d["facts"].get(k) for k in FACT_KEYS}
     bboxes = [list(o.bbox) for o in d["evidence"]]
     box = crop_box(bboxes, config.image_size)
-    image = render(objs, config.image_size)
-    crop = image.crop(tuple(box)).resize((config.crop_size, config.crop_size), Image.BICUBIC)
+    image = crop = None
+    if images:  # drawing uses no randomness: the item is the same either way
+        image = render(objs, config.image_size)
+        crop = image.crop(tuple(box)).resize((config.crop_size, config.crop_size), Image.BICUBIC)
     return Item(id=f"{split}-{family}-{index:05d}", split=split, family=family,
                 question=d["question"], options=options, answer=LETTERS[options.index(d["answer"])],
                 answer_word=d["answer"], keywords=list(d["keywords"]),

@@ -10,7 +10,7 @@ Everything here is numpy + PIL and deterministic given the random generator pass
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -64,9 +64,9 @@ class SceneObject:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        d["cell"], d["bbox"] = list(self.cell), list(self.bbox)
-        return d
+        # by hand: dataclasses.asdict deep-copies every field and was half of `make_item`'s time
+        return dict(kind=self.kind, shape=self.shape, colour=self.colour, digit=self.digit, cell=list(self.cell),
+                    bbox=list(self.bbox))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SceneObject":

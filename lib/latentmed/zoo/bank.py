@@ -138,7 +138,7 @@ def build_bank(model, config: TestbedConfig, split: str, per_family: int | dict,
     bar = tqdm(total=len(keys), desc=f"tower tokens {split} {'+'.join(todo)}", disable=not progress or not todo,
                leave=False)
     for s in range(0, len(keys), chunk):
-        part = [make_item(config, split, f, i) for f, i in keys[s:s + chunk]]
+        part = [make_item(config, split, f, i, images=bool(todo)) for f, i in keys[s:s + chunk]]
         for k in todo:
             imgs = {"main": lambda it: it.image, "crop": lambda it: it.crop,
                     "degraded": lambda it: layouts.degrade(it.image)}[k]
