@@ -83,12 +83,19 @@ def test_cached_item_tokens_give_the_batches_a_cold_bank_gives(tok, bank):
              batching.Plan(SPECS["capimagine"], hop_weight=1.0)]
     for plan in plans:
         batching.collate(tok, warm, [0, 3, 5, 7], plan)
-    assert len(warm.token_cache) == 4 * len(plans)  # one entry per item and layout
+    assert len(warm.token_cache) == 2 * 4 * len(plans)  # tokens and positions per item and layout
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     for plan in plans:
         a = batching.collate(tok, warm, [7, 0, 3], plan)
         b = batching.collate(tok, replace(bank, token_cache={}), [7, 0, 3], plan)
         for f in ("ids", "attention_mask", "position_ids", "labels", "weights", "option_ids", "attn_target"):
             assert torch.equal(getattr(a, f), getattr(b, f)), (plan.spec.method, plan.n_latents, f)
+        # per-row positions, padded, are what Qwen2.5-VL computes for the whole left-padded batch
+        grids = torch.tensor(([list(bank.grid)] + ([list(bank.crop_grid)] if plan.with_crop else [])) * 3)
+        ref = model.model.get_rope_index(a.ids, mm_token_type_ids=(a.ids == image_id).int(), image_grid_thw=grids,
+                                         attention_mask=a.attention_mask)[0]
+        assert torch.equal(a.position_ids, ref), plan.spec.method
+        assert (a.attention_mask == 0).any()  # the rows really are padded to different lengths
     # the layouts differ, so a key that ignored them would have served the wrong ids
     assert batching.collate(tok, warm, [0], plans[0]).ids.shape != batching.collate(tok, warm, [0], plans[1]).ids.shape
 

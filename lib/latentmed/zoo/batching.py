@@ -240,8 +240,12 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
             if src >= 0:  # the segment's first step reads the key words (where the evidence sits)
                 hop_q[b, 1] = src
                 hop_target[b, 1, P - n_kw:P] = 1.0
-    mm = (ids == image_id).int()
-    pos = _rope_positions(ids, mm, torch.tensor(grids), am)
+    pos = torch.zeros((3, B, L), dtype=torch.long)  # padding keeps position 0, as Qwen2.5-VL leaves it
+    row_grids = [list(bank.grid)] + ([list(bank.crop_grid)] if plan.with_crop else [])
+    for b, (i, (prompt_x, seg_x, ans, _, _)) in enumerate(zip(idx, rows)):
+        off, seq = P - len(prompt_x), prompt_x + seg_x + ans
+        pos[:, b, off:off + len(seq)] = _row_positions(bank, (tok, spec, plan.n_latents, plan.with_crop, i), seq,
+                                                       row_grids, image_id)
     option_ids = torch.tensor([r[4] for r in rows])
     answer_index = torch.tensor([it.options.index(it.answer_word) for it in items])
     has_k = spec.has_latents and plan.n_latents > 0
@@ -283,13 +287,24 @@ def _item_tokens(tok, bank: FeatureBank, i: int, plan: Plan, image_id: int, n_im
 _ROPE_MODEL = {}
 
 
-def _rope_positions(ids, mm, grid, am):
-    """3-D rope positions exactly as Qwen2.5-VL computes them (padding ignored)."""
-    fn = _ROPE_MODEL.get("fn")
+def _row_positions(bank: FeatureBank, key: tuple, seq: tuple, grids: list, image_id: int) -> torch.Tensor:
+    """[3, len(seq)] 3-D rope positions of one unpadded row exactly as Qwen2.5-VL computes them
+    (each row's depend on its own tokens and images only); cached with the row's tokens."""
+    fn, rope = _ROPE_MODEL.get("fn"), _ROPE_MODEL.get("key")
     if fn is None:
         raise RuntimeError("call train.bind_rope(model) before collate()")
-    return fn(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=am)[0]
+    full = ("positions", rope) + key
+    hit = bank.token_cache.get(full)
+    if hit is None:
+        ids = torch.tensor([seq])
+        hit = fn(ids, mm_token_type_ids=(ids == image_id).int(), image_grid_thw=torch.tensor(grids),
+                 attention_mask=torch.ones_like(ids))[0][:, 0]
+        bank.token_cache[full] = hit
+    return hit
 
 
 def bind_rope(model) -> None:
+    """Use `model`'s rope rule (its vision merge size and temporal rate are part of the cache key)."""
+    v = model.config.vision_config
     _ROPE_MODEL["fn"] = model.model.get_rope_index
+    _ROPE_MODEL["key"] = (v.spatial_merge_size, getattr(v, "tokens_per_second", None))
