@@ -105,3 +105,22 @@ def test_the_build_graph_holds_every_model_and_chapter(profile):
         assert all(f"model {m}" in jobs["chapter 10_dose"].needs for m in DOSE_METHODS)
         assert not any(f"model {m}" in jobs["chapter 02_zoo"].needs for m in DOSE_METHODS)
     assert jobs["model base"].priority == max(j.priority for j in jobs.values() if j.name != "testbed")
+    # models reading crops or degraded scenes wait for the banks job; the rest start after the base
+    assert jobs["model monet-style"].needs == ("banks",) and jobs["model positive-control"].needs == ("banks",)
+    assert jobs["model grounded-closed"].needs == ("model base",) and jobs["model direct"].needs == ("model base",)
+
+
+def test_models_that_skip_the_banks_job_find_their_banks_built_by_the_base(tmp_path):
+    """A model that does not wait for the banks job trains on the base's own banks: same kinds, same
+    pool, so in a CI zoo its banks are cache hits (no new feature file is written for it)."""
+    from latentmed import zoo as Z
+    from latentmed.zoo.recipes import FINE_TUNES, bank_kinds, needs_more_banks
+
+    assert [m for m in FINE_TUNES if needs_more_banks(m)] == ["monet-style", "mirage-style", "positive-control"]
+    zoo = Z.Zoo(tmp_path / "zoo", budget="ci", progress=False)
+    zoo.train_base()
+    before = sorted(p.name for p in (tmp_path / "zoo" / "_features").iterdir())
+    assert bank_kinds("grounded-closed", "ci") == ("main",)
+    zoo.banks.clear()  # as in a new job process
+    zoo.train_method("grounded-closed")
+    assert sorted(p.name for p in (tmp_path / "zoo" / "_features").iterdir()) == before

@@ -1,7 +1,8 @@
 """The main build as a graph of jobs, several at a time (`latentmed build`).
 
-The jobs are the testbed, the shared base model, the feature banks the fine-tunes read, every
-model of the zoo and of chapter 10's dose series, every chapter and the HTML book. A job starts
+The jobs are the testbed, the shared base model, the feature banks some fine-tunes read beyond the
+base's own (evidence crops, degraded scenes), every model of the zoo and of chapter 10's dose
+series, every chapter and the HTML book. A job starts
 once the jobs it needs are done; among the ready ones, the one with the longest chain of work
 behind it goes first. Each runs in its own process (`latentmed job NAME`) with its own thread
 count: these tiny models train and run fastest on one thread, so on two cores two jobs at a time
@@ -64,7 +65,7 @@ def _model_cost(name: str, budget: str) -> float:
 def build_jobs(profile: str = "default", force: bool = False, lanes: int = 2) -> list[Job]:
     """Every job of the main build with the profile's settings ("default" or "ci")."""
     from .zoo.build import Zoo
-    from .zoo.recipes import BASE, DOSE_METHODS, FINE_TUNES, METHODS
+    from .zoo.recipes import BASE, DOSE_METHODS, FINE_TUNES, METHODS, needs_more_banks
 
     budget = "ci" if profile == "ci" else "default"
     chapters = book.available()
@@ -81,8 +82,10 @@ def build_jobs(profile: str = "default", force: bool = False, lanes: int = 2) ->
             Job(f"model {BASE}", ("testbed",), _model_cost(BASE, budget), threads=min(2, lanes),
                 current=model_current(BASE)),
             Job("banks", (f"model {BASE}",), 60.0,
-                current=lambda: not force and all(zoo().is_current(m) for m in models[1:]))]
-    jobs += [Job(f"model {m}", ("banks",), _model_cost(m, budget), current=model_current(m)) for m in models[1:]]
+                current=lambda: not force and all(zoo().is_current(m) for m in models[1:] if needs_more_banks(m, budget)))]
+    # a model that trains on the base's own banks starts as soon as the base is done
+    jobs += [Job(f"model {m}", ("banks",) if needs_more_banks(m, budget) else (f"model {BASE}",),
+                 _model_cost(m, budget), current=model_current(m)) for m in models[1:]]
     zoo_models = tuple(f"model {m}" for m in METHODS)
     dose_models = tuple(f"model {m}" for m in DOSE_METHODS) if dose else ()
     for c in chapters:
@@ -117,9 +120,9 @@ def run_job(name: str, profile: str = "default", force: bool = False) -> None:
         make_testbed(profile)
     elif name == "banks":
         from .zoo.build import Zoo
-        from .zoo.recipes import DOSE_METHODS, FINE_TUNES
+        from .zoo.recipes import DOSE_METHODS, FINE_TUNES, needs_more_banks
 
-        Zoo(budget=budget).prepare_banks(list(FINE_TUNES) + list(DOSE_METHODS))
+        Zoo(budget=budget).prepare_banks([m for m in (*FINE_TUNES, *DOSE_METHODS) if needs_more_banks(m, budget)])
     elif name.startswith("model "):
         from .zoo.build import Zoo
 

@@ -38,7 +38,7 @@ from ..paths import data_dir, models_dir
 from ..testbed.items import VOCABULARY, TestbedConfig
 from .bank import FeatureBank, build_bank
 from .loop import StageConfig
-from .recipes import BASE, BUDGETS, METHODS, SPECS, method_stages, settings
+from .recipes import BASE, BUDGETS, METHODS, SPECS, bank_kinds, method_stages, pool_of, settings
 from .stages import (
     freeze_and_rescale_tower,
     reinit_language_model,
@@ -194,10 +194,8 @@ class Zoo:
         """Compute (or load) every feature bank `names` will train on, so workers only read them."""
         x = checkpoint.load(self.folder(BASE))
         for name in names:
-            stages = method_stages(name, self.budget, self.seed)
-            kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
-            pool = "pool_pc" if name == "positive-control" else "pool"
-            self.bank(x.model, "train", kinds, pool)
+            kinds = bank_kinds(name, self.budget)
+            self.bank(x.model, "train", kinds, pool_of(name))
             self.bank(x.model, "val", kinds)
 
     def runs(self, name: str, h: str, force: bool) -> Path:
@@ -262,10 +260,8 @@ class Zoo:
         model, tok = x.model, x.tokenizer
         spec = SPECS[name]
         spec.token_ids(tok)  # a base whose tokenizer lacks the method's tokens fails here, naming it
-        stages = method_stages(name, self.budget, self.seed)
-        kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
-        pool = "pool_pc" if name == "positive-control" else "pool"
-        train_bank, val_bank = self.bank(model, "train", kinds, pool), self.bank(model, "val", kinds)
+        kinds = bank_kinds(name, self.budget)
+        train_bank, val_bank = self.bank(model, "train", kinds, pool_of(name)), self.bank(model, "val", kinds)
         constant = None
         if spec.latent_source == "constant":
             g = torch.Generator().manual_seed(self.seed + 7)

@@ -141,12 +141,28 @@ def method_stages(name: str, budget: str = "default", seed: int = 0) -> list[Sta
     raise AssertionError(name)
 
 
+def bank_kinds(name: str, budget: str = "default") -> tuple[str, ...]:
+    """The tower-token kinds (main, crop, degraded) the stages of `name` train on."""
+    return tuple(sorted({k for st in method_stages(name, budget) for k in st.plan.bank_kinds()}))
+
+
+def pool_of(name: str) -> str:
+    """The budget entry that sizes `name`'s training pool."""
+    return "pool_pc" if name == "positive-control" else "pool"
+
+
+def needs_more_banks(name: str, budget: str = "default") -> bool:
+    """Whether `name` trains on feature banks the base does not build itself (the base's: the
+    scene's tokens of the standard pool and of the validation items)."""
+    return bank_kinds(name, budget) != ("main",) or pool_of(name) != "pool"
+
+
 def settings(name: str, budget: str, seed: int, config: TestbedConfig, base_hash: str | None = None) -> dict:
     """Everything that defines a trained model (its hash decides whether to retrain)."""
     b = BUDGETS[budget]
     s = dict(method=name, budget=budget, seed=seed, training_version=TRAINING_VERSION,
              testbed=config.to_dict(), val=b["val"],
-             pool=b["pool_pc"] if name == "positive-control" else b["pool"],
+             pool=b[pool_of(name)],
              spec=SPECS[name].to_dict(),
              stages=[dict(plan={k: v for k, v in asdict(st.plan).items() if k != "spec"}, cfg=asdict(st.cfg),
                           teacher=st.teacher) for st in method_stages(name, budget, seed)])
