@@ -45,7 +45,7 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
     from latentmed.engine import checkpoint
     from latentmed.zoo.bank import build_bank
     from latentmed.zoo.predict import predict
-    from latentmed.zoo.recipes import BUDGETS, SPECS, method_stages
+    from latentmed.zoo.recipes import BUDGETS, SPECS, bank_kinds, method_stages
     from latentmed.zoo.stages import train_stage
     from latentmed.testbed import TestbedConfig
     from latentmed import zoo as Z
@@ -54,7 +54,7 @@ def stage_rates(root: Path, method: str, steps: int, warmup: int, pool: int, tmp
     x = checkpoint.load(root / "base")
     model, tok = x.model, x.tokenizer
     stages = method_stages(method, "default")
-    kinds = sorted({k for st in stages for k in st.plan.bank_kinds()})
+    kinds = bank_kinds(method, "default")
     bank = build_bank(model, config, "train", pool, kinds=tuple(kinds), cache_dir=tmp / "_features", progress=False)
     val = build_bank(model, config, "val", min(pool, config.n_val // len(config.families)), kinds=tuple(kinds),
                      cache_dir=tmp / "_features", progress=False)
