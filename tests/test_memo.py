@@ -81,3 +81,68 @@ def test_a_zero_bound_turns_the_memo_off(ckpt, monkeypatch):
         r.image_features([r.prompt(_query(0))], [[]])
         r.image_features([r.prompt(_query(0))], [[]])
     assert len(m) == 0 and m.hits == 0
+
+
+def _count_processor_runs(monkeypatch) -> list:
+    """Patch the image processor's entry point (`inputs.pixels`) to record each run."""
+    from latentmed.engine import inputs
+
+    runs, real = [], inputs.pixels
+    monkeypatch.setattr(inputs, "pixels", lambda processor, images: runs.append(len(images)) or real(processor, images))
+    return runs
+
+
+def test_a_memoised_image_never_runs_the_processor(ckpt, clean_memo, monkeypatch):
+    a = LatentReasoner.from_pretrained(ckpt, method="monet")
+    b = LatentReasoner.from_pretrained(ckpt, method="lvr")  # the same tower
+    a.prompt(_query(5))  # the first image of this size: the processor runs for its grid
+    runs = _count_processor_runs(monkeypatch)
+    pa, pb = a.prompt(_query(0)), b.prompt(_query(0))
+    assert runs == []  # the grid is known, the pixels pending
+    with torch.inference_mode():
+        fa, _ = a.image_features([pa], [[]])  # a miss: the pixels are computed now
+        assert runs == [1]
+        fb, _ = b.image_features([pb], [[]])  # a hit: never computed
+    assert runs == [1] and (clean_memo.misses, clean_memo.hits) == (1, 1) and torch.equal(fa, fb)
+    assert torch.is_tensor(pa.pixel_source()) and not torch.is_tensor(pb.pixel_source())
+    assert torch.equal(pb.pixel_values, pa.pixel_values) and runs == [1, 1]  # read: computed, and the same
+
+
+def test_pending_pixels_are_the_processors_pixels_of_the_encoded_bytes(ckpt):
+    from latentmed.engine.inputs import pixels
+
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    r.prompt(_query(5))
+    im = scene(seed=0)
+    want = pixels(r.processor, [im.copy()])
+    p = r.prompt(Query(images=[im], question="q?", options=OPTIONS))
+    im.putpixel((3, 3), (0, 0, 0))  # the caller edits its image after the prompt was built
+    assert not torch.is_tensor(p.pixel_source())
+    assert torch.equal(p.pixel_values, want[0]) and torch.equal(p.image_grid_thw, want[1])
+    assert not torch.equal(pixels(r.processor, [im])[0], want[0])  # the edit does change the pixels
+
+
+def test_the_grid_is_the_processors_for_each_size(ckpt):
+    from latentmed.engine.inputs import encode, pixels
+
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    for size in [(224, 224), (112, 224), (224, 224), (112, 224), (168, 84)]:
+        im = scene(seed=1).resize(size)
+        enc = encode(r.tokenizer, r.processor, "<|image_pad|> q", [im])
+        pix, grid = pixels(r.processor, [im])
+        assert torch.equal(enc.image_grid_thw, grid) and torch.equal(enc.pixel_values, pix)
+        assert enc.input_ids.shape[1] == 2 + int(grid.prod()) // 4  # one pad per merged token
+
+
+def test_token_ids_follow_the_vocabulary(ckpt):
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    tok = r.tokenizer
+    text = " red <|zz_new|> blue"
+    before = memo.token_ids(tok, text)
+    assert before == tok.encode(text, add_special_tokens=False) and memo.token_ids(tok, text) == before
+    memo.token_ids(tok, text).append(0)  # a caller's list is its own
+    assert memo.token_ids(tok, text) == before
+    tok.add_tokens(["<|zz_new|>"], special_tokens=True)
+    after = memo.token_ids(tok, text)
+    assert after == tok.encode(text, add_special_tokens=False) and after != before
+    assert tok.convert_tokens_to_ids("<|zz_new|>") in after

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memo import token_ids
+
 LETTERS = "ABCDEFGH"
 
 
@@ -125,7 +127,7 @@ def _is_word(field_: str, option: str) -> bool:
 
 def option_token_ids(tokenizer, options: list[str], leading_space: bool = False) -> list[int]:
     """First token id of each option (with or without a leading space); duplicates are an error."""
-    ids = [tokenizer.encode((" " if leading_space else "") + o, add_special_tokens=False)[0] for o in options]
+    ids = [token_ids(tokenizer, (" " if leading_space else "") + o)[0] for o in options]
     if len(set(ids)) != len(ids):
         raise ValueError(f"options {options} share a first token; score them by text instead")
     return ids

@@ -218,7 +218,7 @@ class Decoder:
                     raise ValueError(f"method {self.spec.method!r} feeds constant latents but the reasoner has none")
                 row.source = self.r.constant
             elif src in ("evidence_crop", "evidence_tokens"):
-                if e.source_pixels is None:
+                if getattr(e, "source_grid", None) is None:
                     raise ValueError(f"method {self.spec.method!r} feeds the evidence's image tokens: build the "
                                      "prompt from a query with its evidence (reasoner.prompt / item_inputs)")
                 row.source = self.r.source_features(e)

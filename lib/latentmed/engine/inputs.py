@@ -18,10 +18,40 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .memo import image_key
+from .memo import image_grid, image_key, token_ids
 from .query import Query, as_image
 
 IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass(frozen=True)
+class PendingPixels:
+    """Images whose pixel patches are not computed yet (`pixels` runs when they are first read)."""
+
+    processor: object
+    images: tuple
+
+    def __call__(self) -> torch.Tensor:
+        return pixels(self.processor, list(self.images))[0]
+
+
+class _LazyPixels:
+    """A field read as a tensor that may be stored as `PendingPixels`: the first read computes
+    and keeps it. A prompt whose tower output is memoised (`memo.tower`) never runs the processor."""
+
+    def __set_name__(self, owner, name):
+        self.attr = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__.get(self.attr)
+        if isinstance(value, PendingPixels):
+            value = obj.__dict__[self.attr] = value()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.attr] = value
 
 
 @dataclass
@@ -29,13 +59,18 @@ class Encoded:
     """One prompt ready for the model; tensors have a leading batch dim of 1 (pixels: per patch)."""
 
     input_ids: torch.Tensor  # [1, T]
-    pixel_values: torch.Tensor | None  # [n_patches, C*T*p*p]
-    image_grid_thw: torch.Tensor | None  # [n_images, 3]
-    text: str  # prompt before pad expansion
+    pixel_values: torch.Tensor | None = _LazyPixels()  # [n_patches, C*T*p*p], computed when first read
+    image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
+    text: str = ""  # prompt before pad expansion
     pixel_key: str | None = None  # digest of the images and processor settings (`memo.image_key`)
 
     def mm_token_type_ids(self, image_token_id: int) -> torch.Tensor:
         return (self.input_ids == image_token_id).int()
+
+    def pixel_source(self) -> torch.Tensor | PendingPixels | None:
+        """The pixels as stored: a tensor, or `PendingPixels` not computed yet (reading
+        `pixel_values` computes them)."""
+        return self.__dict__.get("_pixel_values")
 
 
 @dataclass
@@ -50,7 +85,7 @@ class Prompt(Encoded):
     option_ids: list[int] | None = None
     prompt_len: int | None = None
     after_segment_ids: list[int] | None = None  # forced after a segment when DecodeConfig.force_suffix
-    source_pixels: torch.Tensor | None = None  # image a non-hidden latent source reads (scene or crop)
+    source_pixels: torch.Tensor | None = _LazyPixels()  # image a non-hidden latent source reads (scene or crop)
     source_grid: torch.Tensor | None = None
     source_index: list[int] | None = None  # which of its merged tokens (None: all), in slot order
     source_key: str | None = None  # digest of the source image (`memo.image_key`)
@@ -84,6 +119,16 @@ def pixels(processor, images: list) -> tuple[torch.Tensor, torch.Tensor]:
     return out["pixel_values"], out["image_grid_thw"]
 
 
+def image_inputs(processor, images: list[Image.Image]) -> tuple[torch.Tensor | PendingPixels, torch.Tensor, str]:
+    """(pixels, grid, key) of checked PIL `images`: the grid from `memo.image_grid`, the pixels
+    pending unless the processor has just run for that grid, the key `memo.image_key`."""
+    key = image_key(processor, images)
+    grid, pix = image_grid(processor, images, lambda ims: pixels(processor, ims))
+    if pix is None:  # copies: the key is of these bytes, whatever the caller later does to its images
+        pix = PendingPixels(processor, tuple(im.copy() for im in images))
+    return pix, grid, key
+
+
 def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = None) -> Encoded:
     """Tokenize `text` (one `<|image_pad|>` per image) and process `images` to match."""
     images = [] if images is None else images
@@ -94,8 +139,7 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
     pixel_values = grid = key = None
     if images:
         images = [as_image(im, f"image {i}") for i, im in enumerate(images)]
-        pixel_values, grid = pixels(processor, images)
-        key = image_key(processor, images)
+        pixel_values, grid, key = image_inputs(processor, images)
         merge = getattr(processor, "merge_size", 2)
         parts = text.split(IMAGE_PAD)
         text_expanded = parts[0]
@@ -103,7 +147,7 @@ def encode(tokenizer, processor, text: str, images: list[Image.Image] | None = N
             text_expanded += IMAGE_PAD * n + part
     else:
         text_expanded = text
-    ids = tokenizer(text_expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([token_ids(tokenizer, text_expanded)], dtype=torch.long)
     return Encoded(ids, pixel_values, grid, text, key)
 
 

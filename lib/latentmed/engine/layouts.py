@@ -45,6 +45,7 @@ from __future__ import annotations
 from PIL import Image
 
 from .answers import option_token_ids as first_token_ids
+from .memo import token_ids
 
 LETTERS = "ABCD"
 IMAGE_SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -95,7 +96,7 @@ def testbed_prompt(tokenizer, item, spec=None) -> str:
     text = IMAGE_SEGMENT + option_text(options) + question_text(item)
     if tokenizer is not None:
         for word in list(options) + list(_field(item, "keywords")):
-            n = len(tokenizer.encode(" " + word, add_special_tokens=False))
+            n = len(token_ids(tokenizer, " " + word))
             if n != 1:
                 raise ValueError(f"item {_field(item, 'id', '<item>')}: word {word!r} is {n} tokens in this "
                                  "tokenizer; the testbed layout needs one token per option and key word")
@@ -146,7 +147,7 @@ def training_text(tokenizer, item, spec, n_latents: int | None = None, with_crop
 
 def option_token_ids(tokenizer, options) -> list[int]:
     """Ids of ' o1' .. ' o4' (what multiple choice is scored over)."""
-    bad = [w for w in options if len(tokenizer.encode(answer_text(w), add_special_tokens=False)) != 1]
+    bad = [w for w in options if len(token_ids(tokenizer, answer_text(w))) != 1]
     if bad:
         raise ValueError(f"options {bad} are not single tokens in this tokenizer")
     return first_token_ids(tokenizer, list(options), leading_space=True)

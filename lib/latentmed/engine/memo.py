@@ -8,6 +8,11 @@ digest of the image bytes with the image processor's settings (`image_key`). A h
 tensor the tower computed for that key, so results are the same with the memo as without it.
 Bounded by bytes, least recently used first out; `LATENTMED_FEATURE_MEMO_MB` sets the bound
 (0 turns the memo off).
+
+Two small memos sit beside it, both exact: the grid an image processor gives an image of a size
+(`image_grid`, so a prompt whose tower output is memoised never runs the processor), and the ids a
+tokenizer gives a text (`token_ids`: a study encodes the same option and key words tens of
+thousands of times).
 """
 
 from __future__ import annotations
@@ -101,16 +106,56 @@ def image_key(processor, images) -> str:
     return h.hexdigest()
 
 
-def tower(model, pixel_values: torch.Tensor, grid: torch.Tensor, key: str | None, compute) -> torch.Tensor:
-    """The merged tokens of `pixel_values` through `model`'s tower: memoised when the pixels carry a
-    `key` (`image_key`), else computed."""
+def tower(model, pixel_values, grid: torch.Tensor, key: str | None, compute) -> torch.Tensor:
+    """The merged tokens of `pixel_values` (a tensor, or a function that makes it: the processor
+    then runs only on a miss) through `model`'s tower: memoised when the pixels carry a `key`
+    (`image_key`), else computed."""
+    def pixels():
+        return pixel_values() if callable(pixel_values) else pixel_values
+
     if key is None or MEMO.max_bytes <= 0:
-        return compute(pixel_values, grid)
+        return compute(pixels(), grid)
     full = (weights_key(model.model.visual), key, tuple(grid.flatten().tolist()), str(model.device),
             str(model.dtype))
     hit = MEMO.get(full)
     if hit is not None:
         return hit
-    out = compute(pixel_values, grid)
+    out = compute(pixels(), grid)
     MEMO.put(full, out)
     return out
+
+
+_GRIDS: dict = {}  # (processor settings, image sizes) -> image_grid_thw
+
+
+def image_grid(processor, images, process) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`image_grid_thw`, pixels or None) of `images`: the processor's grid depends only on its
+    settings and the images' sizes, so it is kept per (settings, sizes); on a miss
+    `process(images)` -> (pixels, grid) runs the processor and its pixels come back too."""
+    key = (processor_key(processor), tuple((im.mode, im.size) for im in images))
+    grid = _GRIDS.get(key)
+    if grid is None:
+        pix, grid = process(images)
+        _GRIDS[key] = grid.clone()
+        return grid, pix
+    return grid.clone(), None
+
+
+_TOKEN_MEMO_MAX = 200_000  # texts per tokenizer before its memo is dropped
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens=False)`, kept on the tokenizer per text; the memo
+    starts afresh when the vocabulary grows (tokens added) or holds too many texts."""
+    memo = getattr(tokenizer, "_latentmed_ids", None)
+    size = len(tokenizer)
+    if memo is None or memo[0] != size or len(memo[1]) > _TOKEN_MEMO_MAX:
+        memo = (size, {})
+        try:
+            tokenizer._latentmed_ids = memo
+        except AttributeError:  # a tokenizer that takes no new attributes encodes each time
+            return list(tokenizer.encode(text, add_special_tokens=False))
+    ids = memo[1].get(text)
+    if ids is None:
+        ids = memo[1][text] = tuple(tokenizer.encode(text, add_special_tokens=False))
+    return list(ids)

@@ -9,17 +9,16 @@ template, or the testbed layout); decoding is `decode.generate`, re-running a tr
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .memo import image_key, tower
+from .memo import token_ids, tower
 from .answers import option_token_ids as first_token_ids
 from .checkpoint import load
 from .decode import DecodeConfig, generate
-from .inputs import Prompt, chat_prompt, encode, pixels
+from .inputs import Prompt, chat_prompt, encode, image_inputs
 from .interventions import apply_query_edits, as_interventions, by_point
 from .layouts import answer_prefix, degrade, is_testbed, testbed_prompt
 from .layouts import option_token_ids as testbed_option_ids
@@ -83,9 +82,10 @@ class LatentReasoner:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     # ---- model calls (all positions explicit: `rope_deltas` state is never read) ----
-    def _tower(self, pix: torch.Tensor, grid: torch.Tensor, key: str | None = None) -> torch.Tensor:
-        """Merged image tokens [N, H] of `pix`; memoised by content when the pixels carry a `key`
-        (`memo.image_key`: the zoo's models share one tower, so a study computes each image once)."""
+    def _tower(self, pix, grid: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Merged image tokens [N, H] of `pix` (a tensor or a function giving it); memoised by
+        content when the pixels carry a `key` (`memo.image_key`: the zoo's models share one tower,
+        so a study computes each image once)."""
         def compute(p, g):
             return torch.cat(self.model.model.get_image_features(p.to(self.device), g.to(self.device)).pooler_output)
 
@@ -96,12 +96,12 @@ class LatentReasoner:
         concatenation [N, H] (what the prefill scatters) and the per-row blocks."""
         blocks = []
         for e, ivs in zip(encs, row_ivs):
-            if e.pixel_values is None:
+            if e.image_grid_thw is None:
                 blocks.append(None)
                 continue
             f = getattr(e, "features", None)
-            if f is None:
-                f = self._tower(e.pixel_values, e.image_grid_thw, getattr(e, "pixel_key", None))
+            if f is None:  # the pixels are read (computed if pending) only on a memo miss
+                f = self._tower(lambda: e.pixel_values, e.image_grid_thw, getattr(e, "pixel_key", None))
                 if isinstance(e, Prompt):
                     e.features = f  # the tower is run once per prompt
             for iv in by_point(ivs, "features"):
@@ -113,7 +113,7 @@ class LatentReasoner:
     def source_features(self, prompt: Prompt) -> torch.Tensor:
         """The vectors a non-hidden latent source feeds [n, H]: the merged tokens of the evidence
         crop, or those of the full-resolution scene at the evidence cells."""
-        f = self._tower(prompt.source_pixels, prompt.source_grid, prompt.source_key)
+        f = self._tower(lambda: prompt.source_pixels, prompt.source_grid, prompt.source_key)
         if prompt.source_index is None:
             return f
         if not prompt.source_index:  # no evidence (e.g. zero objects to count): zero vectors
@@ -170,7 +170,7 @@ class LatentReasoner:
                 raise ValueError(f"query {query.id or ''}: the testbed layout shows one image, got {len(images)}")
             text = testbed_prompt(self.tokenizer, query)
             enc = encode(self.tokenizer, self.processor, text, images)
-            after = self.tokenizer.encode(answer_prefix(query, spec), add_special_tokens=False) or None
+            after = token_ids(self.tokenizer, answer_prefix(query, spec)) or None
             opt = testbed_option_ids(self.tokenizer, query.options)
         else:
             text = chat_prompt(self.tokenizer, spec.format_question(query.question, query.options),
@@ -183,17 +183,15 @@ class LatentReasoner:
             if query.crop is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence crop's "
                                  "tokens as latents, but the query has no crop")
-            src_pix, src_grid = pixels(self.processor, [query.crop])
-            src_key = image_key(self.processor, [as_image(query.crop)])
+            src_pix, src_grid, src_key = image_inputs(self.processor, [as_image(query.crop, "evidence crop")])
         elif spec.latent_source == "evidence_tokens":
             if query.evidence_boxes is None:
                 raise ValueError(f"query {query.id or ''}: method {spec.method!r} feeds the evidence cells' "
                                  "tokens as latents, but the query has no evidence boxes")
-            src_pix, src_grid = pixels(self.processor, [query.images[0]])
-            src_key = image_key(self.processor, [as_image(query.images[0])])
+            src_pix, src_grid, src_key = image_inputs(self.processor, [as_image(query.images[0], "image 0")])
             src_index = evidence_tokens(query.evidence_boxes, query.images[0].size, src_grid[0],
                                         getattr(self.processor, "merge_size", 2) * getattr(self.processor, "patch_size", 14))
-        return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.text, enc.pixel_key, query=query,
+        return Prompt(enc.input_ids, enc.pixel_source(), enc.image_grid_thw, enc.text, enc.pixel_key, query=query,
                       option_ids=opt, after_segment_ids=after, source_pixels=src_pix, source_grid=src_grid,
                       source_index=src_index, source_key=src_key)
 
@@ -217,8 +215,10 @@ class LatentReasoner:
         if prompt.query is None:
             raise ValueError(f"{type(inputs[0]).__name__} is an input edit, but this prompt has no query to "
                              "rebuild: build it with reasoner.prompt / build_inputs / item_inputs")
-        new = self.prompt(prompt.query, inputs)
-        return replace(new, option_ids=new.option_ids if prompt.option_ids is not None else None)
+        new = self.prompt(prompt.query, inputs)  # fresh: set in place (replace would compute pending pixels)
+        if prompt.option_ids is None:
+            new.option_ids = None
+        return new
 
     # ---- runs ----
     def generate(self, inputs, interventions=(), config: DecodeConfig | None = None, **kw):
