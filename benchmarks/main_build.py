@@ -20,6 +20,7 @@ the run is refused and the result says why (a build timed under another job's lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from statsmodels.stats.proportion import proportion_confint
 
 from . import common
 from .common import ROOT, log
@@ -75,17 +78,54 @@ def parse(lines: list[tuple[float, str]], total: float) -> dict:
     return dict(stages=stages, totals=totals, total_s=total)
 
 
-def zoo_seconds(models_dir: Path) -> dict:
-    """Training seconds each model's zoo.json records (the zoo and any model a chapter trained)."""
+def zoo_records(models_dir: Path) -> dict:
+    """What each model's zoo.json records of its training: seconds, the validation accuracy it was
+    kept at (its last stage's best), the validation items behind it and its weights' hash."""
     out = {}
     for f in sorted(Path(models_dir).rglob("zoo.json")):
         try:
             info = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(info, dict) and "seconds" in info:
-            out[str(f.parent.relative_to(models_dir))] = info["seconds"]
+        if not isinstance(info, dict) or "seconds" not in info:
+            continue
+        last = (info.get("stages") or [{}])[-1]
+        s = info.get("settings", {})
+        n_val = s.get("val", 0) * len(s.get("testbed", {}).get("families", ()))
+        out[str(f.parent.relative_to(models_dir))] = dict(
+            seconds=info["seconds"], best_val=last.get("best_val"), n_val=n_val or None,
+            weights_hash=info.get("weights_hash"))
     return out
+
+
+def accuracy_table(before: dict | None, after: dict) -> list[dict]:
+    """Each model's validation accuracy in two builds' `zoo` records, the change and the 95% interval
+    half-width of the earlier accuracy (normal approximation, n validation items); `within` says
+    whether the change is no drop larger than that half-width (issue 21's condition)."""
+    rows = []
+    for name, a in sorted(after.items()):
+        b = (before or {}).get(name)
+        if not b or b.get("best_val") is None or a.get("best_val") is None:
+            continue
+        p, n = b["best_val"], b.get("n_val") or 0
+        lo, hi = proportion_confint(round(p * n), n, alpha=0.05, method="normal") if n else (math.nan, math.nan)
+        half = (hi - lo) / 2
+        change = a["best_val"] - p
+        rows.append(dict(model=name, before=p, after=a["best_val"], change=round(change, 4), n=n,
+                         half_width=round(half, 4), within=bool(change >= -half),
+                         same_weights=a.get("weights_hash") == b.get("weights_hash")))
+    return rows
+
+
+def previous_zoo(path: Path) -> dict | None:
+    """The zoo records of the last completed timed build in `path` (the accuracy baseline), if any."""
+    try:
+        prev = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(prev, dict) or prev.get("status") != "run" or not isinstance(prev.get("zoo"), dict):
+        return None
+    return dict(zoo=prev["zoo"], build_commit=prev.get("build_commit", ""), date=prev.get("date", ""))
 
 
 def run_build(repo: Path, env: dict, args: list[str], log_file: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -138,8 +178,12 @@ def main(args) -> dict:
         shutil.copy(tmp / "build.log", keep_log)
         parsed = parse(lines, total)
         result.update(status="run" if rc == 0 else "failed", exit_code=rc, build_commit=commit, **parsed,
-                      zoo_json_seconds=zoo_seconds(tmp / "models"), log=common.rel(keep_log),
+                      zoo=zoo_records(tmp / "models"), log=common.rel(keep_log),
                       log_tail=[ln for _, ln in lines[-40:]] if rc else [], outputs_equal=None)
+        prev = previous_zoo(common.result_path("main", "cpu", getattr(args, "out", None)))
+        if prev:
+            result.update(accuracy_before={k: prev[k] for k in ("build_commit", "date")},
+                          accuracy=accuracy_table(prev["zoo"], result["zoo"]))
         log(f"main: exit {rc} after {total / 60:.1f} min")
     finally:
         keep = getattr(args, "main_keep", None)

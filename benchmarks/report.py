@@ -104,6 +104,30 @@ def main_table(r: dict) -> pd.DataFrame:
     return df
 
 
+def accuracy_frame(r: dict) -> pd.DataFrame:
+    """Each model's validation accuracy in this timed build against the build timed before it
+    (`accuracy`), or this build's alone when there is no earlier record."""
+    if r.get("accuracy"):
+        return pd.DataFrame(r["accuracy"])
+    return pd.DataFrame([dict(model=k, accuracy=v.get("best_val"), n=v.get("n_val"), seconds=v.get("seconds"))
+                         for k, v in sorted((r.get("zoo") or {}).items())])
+
+
+def accuracy_text(r: dict) -> str:
+    """Whether any model's accuracy dropped by more than its 95% half-width since the last timed build."""
+    rows, before = r.get("accuracy"), r.get("accuracy_before") or {}
+    if not rows:
+        return ("No earlier timed build with recorded accuracies to compare with: the table lists this build's "
+                "validation accuracies (the next timed build is compared with them).")
+    bad = [x["model"] for x in rows if not x["within"]]
+    same = sum(x["same_weights"] for x in rows)
+    verdict = (f"**{len(bad)} model(s) dropped by more than the half-width: {', '.join(bad)}**" if bad else
+               "no model dropped by more than the 95% half-width of its earlier accuracy")
+    return (f"Validation accuracy of {len(rows)} models, this build (commit `{r.get('build_commit', '')[:10]}`) "
+            f"against the timed build before it (commit `{before.get('build_commit', '')[:10]}`, "
+            f"{before.get('date', '')[:10]}): {verdict}; {same} of {len(rows)} have bit-identical weights.")
+
+
 # ---------------------------------------------------------------- sentences
 
 def sweep_text(r: dict) -> str:

@@ -16,7 +16,7 @@ from conftest import OPTIONS
 from latentmed.paths import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks import bench_scaling, bench_sweep, charts, common, gpu, main_build, run  # noqa: E402
+from benchmarks import bench_scaling, bench_sweep, charts, common, gpu, main_build, report, run  # noqa: E402
 
 FAMILIES = ["attr", "relpos", "count"]
 
@@ -274,6 +274,42 @@ def test_main_build_stages_are_read_from_the_build_output():
     assert [s["stage"] for s in got["stages"]][:3] == ["environment", "data (testbed)", "model base"]
     no_env = main_build.parse([(12.0, "[job] testbed: started"), (15.0, "[job] testbed: done in 3 s")], total=20.0)
     assert no_env["stages"][0] == dict(stage="environment", kind="environment", seconds=12.0, start=0.0)
+
+
+def test_main_build_records_each_models_accuracy_and_compares_it_with_the_last_build(tmp_path):
+    def model(name, seconds, best, weights="h"):
+        d = tmp_path / "models" / "zoo" / name
+        d.mkdir(parents=True)
+        info = dict(seconds=seconds, weights_hash=weights, stages=[dict(best_val=0.1), dict(best_val=best)],
+                    settings=dict(val=100, testbed=dict(families=["a", "b", "c", "d"])))
+        (d / "zoo.json").write_text(json.dumps(info))
+
+    model("base", 240.0, 0.825)
+    model("direct", 50.0, 0.795)
+    (tmp_path / "models" / "zoo" / "_features").mkdir()
+    recs = main_build.zoo_records(tmp_path / "models")
+    assert recs["zoo/base"] == dict(seconds=240.0, best_val=0.825, n_val=400, weights_hash="h")  # the last stage's
+    assert set(recs) == {"zoo/base", "zoo/direct"}
+    after = {"zoo/base": dict(recs["zoo/base"], best_val=0.80, weights_hash="x"),  # -0.025: inside +-0.037
+             "zoo/direct": dict(recs["zoo/direct"], best_val=0.74),  # -0.055: a drop beyond the half-width
+             "zoo/new": dict(recs["zoo/base"])}  # no earlier record: no row
+    rows = {r["model"]: r for r in main_build.accuracy_table(recs, after)}
+    assert set(rows) == {"zoo/base", "zoo/direct"}
+    assert rows["zoo/base"]["half_width"] == pytest.approx(1.96 * (0.825 * 0.175 / 400) ** 0.5, abs=1e-4)
+    assert rows["zoo/base"]["within"] and not rows["zoo/base"]["same_weights"]
+    assert not rows["zoo/direct"]["within"] and rows["zoo/direct"]["same_weights"]
+    assert rows["zoo/direct"]["change"] == pytest.approx(-0.055)
+    assert all(r["within"] for r in main_build.accuracy_table(recs, recs))
+    prev = tmp_path / "main-cpu.json"
+    assert main_build.previous_zoo(prev) is None
+    prev.write_text(json.dumps(dict(status="failed", zoo=recs)))
+    assert main_build.previous_zoo(prev) is None  # a failed build is no baseline
+    prev.write_text(json.dumps(dict(status="run", zoo=recs, build_commit="abc", date="d")))
+    assert main_build.previous_zoo(prev) == dict(zoo=recs, build_commit="abc", date="d")
+    r = dict(zoo=after, accuracy=list(rows.values()), accuracy_before=dict(build_commit="abc", date="d"))
+    assert "1 model(s) dropped by more than the half-width: zoo/direct" in report.accuracy_text(r)
+    assert "no model dropped" in report.accuracy_text(dict(r, accuracy=[rows["zoo/base"]]))
+    assert len(report.accuracy_frame(r)) == 2 and len(report.accuracy_frame(dict(zoo=after))) == 3
 
 
 def test_main_build_refuses_on_a_loaded_machine(monkeypatch):
