@@ -117,15 +117,17 @@ def accuracy_table(before: dict | None, after: dict) -> list[dict]:
     return rows
 
 
-def previous_zoo(path: Path) -> dict | None:
-    """The zoo records of the last completed timed build in `path` (the accuracy baseline), if any."""
+def previous_build(path: Path) -> dict | None:
+    """What the last completed timed build in `path` recorded (the baseline of the next one): its
+    commit, date, CPU, total and per-kind seconds and zoo records; None without one."""
     try:
         prev = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if not isinstance(prev, dict) or prev.get("status") != "run" or not isinstance(prev.get("zoo"), dict):
         return None
-    return dict(zoo=prev["zoo"], build_commit=prev.get("build_commit", ""), date=prev.get("date", ""))
+    keys = ("build_commit", "date", "cpu_model", "total_s", "totals", "zoo")
+    return {k: prev.get(k) for k in keys}
 
 
 def run_build(repo: Path, env: dict, args: list[str], log_file: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -154,12 +156,15 @@ def main(args) -> dict:
                       f"{args.main_max_load} on {os.cpu_count()} cores: other jobs would dominate the timing",
                       stages=[], outputs_equal=None)
         return common.finish(result)
+    prev = previous_build(common.result_path("main", "cpu", getattr(args, "out", None)))
     tmp = Path(tempfile.mkdtemp(prefix="latentmed-main-"))
     keep_log = ROOT / "build" / "bench" / "main-build.log"
     keep_log.parent.mkdir(parents=True, exist_ok=True)
     try:
         repo = tmp / "repo"
         subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(repo)], check=True)
+        rev = getattr(args, "main_commit", "HEAD") or "HEAD"
+        subprocess.run(["git", "checkout", "--quiet", "--detach", rev], cwd=repo, check=True)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTMED_")}
         env.update(LATENTMED_DATA=str(tmp / "data"), LATENTMED_MODELS=str(tmp / "models"),
@@ -180,9 +185,8 @@ def main(args) -> dict:
         result.update(status="run" if rc == 0 else "failed", exit_code=rc, build_commit=commit, **parsed,
                       zoo=zoo_records(tmp / "models"), log=common.rel(keep_log),
                       log_tail=[ln for _, ln in lines[-40:]] if rc else [], outputs_equal=None)
-        prev = previous_zoo(common.result_path("main", "cpu", getattr(args, "out", None)))
         if prev:
-            result.update(accuracy_before={k: prev[k] for k in ("build_commit", "date")},
+            result.update(before={k: v for k, v in prev.items() if k != "zoo"},
                           accuracy=accuracy_table(prev["zoo"], result["zoo"]))
         log(f"main: exit {rc} after {total / 60:.1f} min")
     finally:

@@ -115,17 +115,23 @@ def accuracy_frame(r: dict) -> pd.DataFrame:
 
 def accuracy_text(r: dict) -> str:
     """Whether any model's accuracy dropped by more than its 95% half-width since the last timed build."""
-    rows, before = r.get("accuracy"), r.get("accuracy_before") or {}
+    rows, before = r.get("accuracy"), r.get("before") or {}
     if not rows:
         return ("No earlier timed build with recorded accuracies to compare with: the table lists this build's "
                 "validation accuracies (the next timed build is compared with them).")
+    if before.get("cpu_model") != r.get("cpu_model"):
+        return (f"The timed build before this one ran on another CPU ({before.get('cpu_model')}): training's "
+                "last bits differ with the machine's arithmetic and grow into different models, so the change "
+                "below is not the code's.")
     bad = [x["model"] for x in rows if not x["within"]]
     same = sum(x["same_weights"] for x in rows)
     verdict = (f"**{len(bad)} model(s) dropped by more than the half-width: {', '.join(bad)}**" if bad else
                "no model dropped by more than the 95% half-width of its earlier accuracy")
-    return (f"Validation accuracy of {len(rows)} models, this build (commit `{r.get('build_commit', '')[:10]}`) "
-            f"against the timed build before it (commit `{before.get('build_commit', '')[:10]}`, "
-            f"{before.get('date', '')[:10]}): {verdict}; {same} of {len(rows)} have bit-identical weights.")
+    return (f"Validation accuracy of {len(rows)} models, this build (commit `{r.get('build_commit', '')[:10]}`, "
+            f"{r['total_s'] / 60:.1f} min) "
+            f"against the timed build before it on the same CPU (commit `{before.get('build_commit', '')[:10]}`, "
+            f"{before.get('date', '')[:10]}, {before.get('total_s', 0) / 60:.1f} min): {verdict}; {same} of "
+            f"{len(rows)} have bit-identical weights.")
 
 
 # ---------------------------------------------------------------- sentences

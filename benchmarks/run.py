@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--main-profile", choices=["default", "ci"], default="default")
     g.add_argument("--main-keep", default=None, metavar="DIR",
                    help="keep the build's clone, data, models and results in DIR (replaced) instead of deleting them")
+    g.add_argument("--main-commit", default="HEAD", metavar="REV",
+                   help="time the main command of this commit (default: HEAD), e.g. an earlier one for a "
+                        "before figure on this machine; the next run compares its accuracies with it")
     g.add_argument("--main-max-load", type=float, default=4.0,
                    help="refuse (and record why) when the 1-minute load average is above this (default: 4)")
     args = ap.parse_args(argv)

@@ -301,14 +301,17 @@ def test_main_build_records_each_models_accuracy_and_compares_it_with_the_last_b
     assert rows["zoo/direct"]["change"] == pytest.approx(-0.055)
     assert all(r["within"] for r in main_build.accuracy_table(recs, recs))
     prev = tmp_path / "main-cpu.json"
-    assert main_build.previous_zoo(prev) is None
+    assert main_build.previous_build(prev) is None
     prev.write_text(json.dumps(dict(status="failed", zoo=recs)))
-    assert main_build.previous_zoo(prev) is None  # a failed build is no baseline
-    prev.write_text(json.dumps(dict(status="run", zoo=recs, build_commit="abc", date="d")))
-    assert main_build.previous_zoo(prev) == dict(zoo=recs, build_commit="abc", date="d")
-    r = dict(zoo=after, accuracy=list(rows.values()), accuracy_before=dict(build_commit="abc", date="d"))
+    assert main_build.previous_build(prev) is None  # a failed build is no baseline
+    prev.write_text(json.dumps(dict(status="run", zoo=recs, build_commit="abc", date="d", cpu_model="X", total_s=60)))
+    got = main_build.previous_build(prev)
+    assert got["zoo"] == recs and got["build_commit"] == "abc" and got["cpu_model"] == "X"
+    r = dict(zoo=after, accuracy=list(rows.values()), before=dict(got, zoo=None), cpu_model="X", total_s=60,
+             build_commit="def")
     assert "1 model(s) dropped by more than the half-width: zoo/direct" in report.accuracy_text(r)
     assert "no model dropped" in report.accuracy_text(dict(r, accuracy=[rows["zoo/base"]]))
+    assert "another CPU" in report.accuracy_text(dict(r, cpu_model="Y"))  # not the code's change
     assert len(report.accuracy_frame(r)) == 2 and len(report.accuracy_frame(dict(zoo=after))) == 3
 
 
