@@ -426,3 +426,28 @@ def test_zoo_evaluation_killed_before_its_key_is_written_is_recomputed(zoo_root,
         again = V.summarize(V.evaluate_zoo(root, per_family=1))
     assert calls, "a table without its key must be recomputed, not reused"
     pd.testing.assert_frame_equal(again, ref, check_dtype=False)
+
+
+def test_training_steps_run_with_subnormals_flushed_and_the_setting_is_put_back(tmp_path):
+    seen = []
+    lin = torch.nn.Linear(2, 1)
+
+    def step(s, gen):
+        seen.append(L.flushing_subnormals())
+        if s == 2:
+            raise L.SimulatedKill("stop")  # an error inside the loop restores the setting too
+        return lin(torch.ones(1, 2)).sum(), {}
+
+    cfg = L.StageConfig("toy", steps=4, batch_size=1, warmup=0, eval_every=10, save_every=10)
+    assert not L.flushing_subnormals()
+    with pytest.raises(L.SimulatedKill):
+        L.run_loop({"lin": lin}, list(lin.parameters()), step, cfg, tmp_path / "run", progress=False)
+    assert seen == [True, True, True] and not L.flushing_subnormals()
+    assert float(torch.tensor([L.SUBNORMAL]) * 1.0) > 0  # arithmetic on subnormals is back
+    torch.set_flush_denormal(True)  # set before: kept after
+    try:
+        L.run_loop({"lin": lin}, list(lin.parameters()), lambda s, g: (lin(torch.ones(1, 2)).sum(), {}), cfg,
+                   tmp_path / "run2", progress=False)
+        assert L.flushing_subnormals()
+    finally:
+        torch.set_flush_denormal(False)
