@@ -67,6 +67,15 @@ def test_chapters_check_their_parameters_first_in_a_hidden_cell(path):
     assert {"remove-input", "remove-cell"} & set(first["metadata"].get("tags", [])), "plumbing is hidden in the book"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_cell_has_its_own_id(path):
+    """A cell without an id makes nbformat print a warning into the executed chapter (the book's
+    browser test refuses a page with stderr in it)."""
+    ids = [c.get("id") for c in _cells(path)]
+    assert None not in ids, f"{path.name}: cell {ids.index(None)} has no id"
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"
+
+
 # Chapters 1 and 2 (issue 19) show no code to the reader and keep charts out of the nbval comparison.
 EDITED = ["01_testbed", "02_zoo"]
 
