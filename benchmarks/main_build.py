@@ -81,6 +81,9 @@ def parse(lines: list[tuple[float, str]], total: float) -> dict:
 def zoo_records(models_dir: Path) -> dict:
     """What each model's zoo.json records of its training: seconds, the validation accuracy it was
     kept at (its last stage's best), the validation items behind it and its weights' hash."""
+    from latentmed.testbed import TestbedConfig
+    from latentmed.zoo.build import val_per_family
+
     out = {}
     for f in sorted(Path(models_dir).rglob("zoo.json")):
         try:
@@ -91,7 +94,8 @@ def zoo_records(models_dir: Path) -> dict:
             continue
         last = (info.get("stages") or [{}])[-1]
         s = info.get("settings", {})
-        n_val = s.get("val", 0) * len(s.get("testbed", {}).get("families", ()))
+        config = TestbedConfig.from_dict(s["testbed"]) if "testbed" in s else None
+        n_val = val_per_family(s.get("val", 0), config) * len(config.families) if config else 0
         out[str(f.parent.relative_to(models_dir))] = dict(
             seconds=info["seconds"], best_val=last.get("best_val"), n_val=n_val or None,
             weights_hash=info.get("weights_hash"))

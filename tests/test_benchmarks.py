@@ -277,18 +277,22 @@ def test_main_build_stages_are_read_from_the_build_output():
 
 
 def test_main_build_records_each_models_accuracy_and_compares_it_with_the_last_build(tmp_path):
-    def model(name, seconds, best, weights="h"):
-        d = tmp_path / "models" / "zoo" / name
+    from latentmed.testbed import TestbedConfig
+
+    def model(name, seconds, best, weights="h", folder="zoo", config=TestbedConfig()):
+        d = tmp_path / "models" / folder / name
         d.mkdir(parents=True)
         info = dict(seconds=seconds, weights_hash=weights, stages=[dict(best_val=0.1), dict(best_val=best)],
-                    settings=dict(val=100, testbed=dict(families=["a", "b", "c", "d"])))
+                    settings=dict(val=100, testbed=config.to_dict()))
         (d / "zoo.json").write_text(json.dumps(info))
 
     model("base", 240.0, 0.825)
     model("direct", 50.0, 0.795)
+    model("base", 9.0, 0.5, folder="small", config=TestbedConfig(n_val=8))  # 2 validation items a family
     (tmp_path / "models" / "zoo" / "_features").mkdir()
     recs = main_build.zoo_records(tmp_path / "models")
     assert recs["zoo/base"] == dict(seconds=240.0, best_val=0.825, n_val=400, weights_hash="h")  # the last stage's
+    assert recs.pop("small/base")["n_val"] == 2 * len(TestbedConfig().families)  # as the zoo scored it
     assert set(recs) == {"zoo/base", "zoo/direct"}
     after = {"zoo/base": dict(recs["zoo/base"], best_val=0.80, weights_hash="x"),  # -0.025: inside +-0.037
              "zoo/direct": dict(recs["zoo/direct"], best_val=0.74),  # -0.055: a drop beyond the half-width

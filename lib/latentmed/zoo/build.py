@@ -143,6 +143,12 @@ def _finish(folder: Path, model, tok, spec: LatentSpec, info: dict, constant=Non
     replace_folder(tmp, folder, CHECKPOINT)
 
 
+def val_per_family(val: int, config: TestbedConfig) -> int:
+    """Validation items per family a zoo model is scored on: the budget's `val`, fewer when the
+    testbed's validation split is smaller."""
+    return min(val, max(1, config.n_val // len(config.families))) if config.n_val else val
+
+
 class Zoo:
     """Trains and loads the models of one zoo folder; shares the feature banks between them."""
 
@@ -162,9 +168,7 @@ class Zoo:
     def bank(self, model, split: str, kinds=("main", "crop"), pool: str = "pool") -> FeatureBank:
         """Train pool or validation items with tower tokens of `kinds` (computed once, cached)."""
         b = BUDGETS[self.budget]
-        n = b[pool] if split == "train" else b["val"]
-        if split == "val" and self.config.n_val:
-            n = min(n, max(1, self.config.n_val // len(self.config.families)))
+        n = b[pool] if split == "train" else val_per_family(b["val"], self.config)
         key = (split, tuple(sorted(kinds)), n)
         if key not in self.banks:
             self.banks[key] = build_bank(model, self.config, split, n, kinds=tuple(sorted(kinds)),
