@@ -13,6 +13,7 @@ from latentmed.paths import pin_cpu_kernels
 
 pin_cpu_kernels()  # before torch computes: the nbval kernels inherit it (paths.REPRODUCIBLE_CPU)
 
+import nbval_tolerance  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from latentmed.engine.reasoner import LatentReasoner
@@ -20,6 +21,8 @@ from latentmed.engine.tiny import make_tiny_checkpoint
 from latentmed.engine.tokenizer import load_tokenizer
 from latentmed.testbed import VOCABULARY
 from PIL import Image, ImageDraw
+
+nbval_tolerance.install()  # notebook numbers compared to one unit of their last printed digit
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 
