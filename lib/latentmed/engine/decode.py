@@ -18,7 +18,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
@@ -34,6 +33,7 @@ from .interventions import (
     by_point,
     check_supported,
 )
+from .kvcache import new_cache
 from .trace import Segment, Trace
 
 
@@ -181,7 +181,7 @@ class Decoder:
         for r, t, _ in overrides:
             latent[r, t] = True
         mask4d = self._prefill_mask(ids) if any(row.rules for row in self.rows) else None
-        self.cache = DynamicCache(config=self.r.model.config)
+        self.cache = new_cache(self.r.model.config)
         cursor = Cursor(start=[-p for p in self.pads], latent=latent)
         with self._hooks(cursor):
             out, self.pos = self.r.forward(ids, self.mask, _cat([e.image_grid_thw for e in encs]), feats, overrides,
