@@ -21,10 +21,14 @@ def test_inter_and_intra_match_brute_force_with_a_mask():
     inter = S.inter(Z, M)
     for k in range(4):
         assert np.isclose(inter[k], brute_inter(Z, M, k))
+    M[6, 1:] = False  # an instance with one latent has no other latents to compare with
     i2 = S.intra(Z, M)
     u = Z / np.linalg.norm(Z, axis=-1, keepdims=True)
-    want = np.mean([np.mean([u[i, l] @ u[i, 1] for l in range(4) if l != 1 and M[i, l]]) for i in range(7) if M[i, 1]])
-    assert np.isclose(i2[1], want)
+    for k in range(4):
+        want = np.mean([np.mean([u[i, l] @ u[i, k] for l in range(4) if l != k and M[i, l]])
+                        for i in range(7) if M[i, k] and M[i].sum() > 1])
+        assert np.isclose(i2[k], want, rtol=0, atol=1e-12)
+    assert np.isnan(S.intra(Z, np.eye(7, 4, dtype=bool))).all()  # no instance has two latents
 
 
 def test_collapse_and_constant_latents():

@@ -44,9 +44,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def inter(Z: np.ndarray, M: np.ndarray) -> np.ndarray:
     """[K] mean cosine between different instances' latents at each step (nan with < 2)."""
-    U = _unit(Z)
-    out = np.full(Z.shape[1], np.nan)
-    for k in range(Z.shape[1]):
+    return _inter(_unit(Z), M)
+
+
+def _inter(U: np.ndarray, M: np.ndarray) -> np.ndarray:
+    out = np.full(U.shape[1], np.nan)
+    for k in range(U.shape[1]):
         u = U[M[:, k], k]
         n = len(u)
         if n > 1:
@@ -57,17 +60,18 @@ def inter(Z: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 def intra(Z: np.ndarray, M: np.ndarray) -> np.ndarray:
     """[K] mean cosine between an instance's step-k latent and its other latents."""
-    U = _unit(Z)
-    out = np.full(Z.shape[1], np.nan)
-    for k in range(Z.shape[1]):
-        vals = []
-        for i in np.flatnonzero(M[:, k]):
-            others = [l for l in np.flatnonzero(M[i]) if l != k]
-            if others:
-                vals.append(float((U[i, others] @ U[i, k]).mean()))
-        if vals:
-            out[k] = float(np.mean(vals))
-    return out
+    return _intra(_unit(Z), M)
+
+
+def _intra(U: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """`intra` of unit vectors, all instances at once: [N, K, K] cosines, masked to the pairs of
+    present, different steps, averaged per (instance, step), then over instances."""
+    K = U.shape[1]
+    pairs = M[:, :, None] & M[:, None, :] & ~np.eye(K, dtype=bool)
+    count = pairs.sum(-1)
+    per = np.where(pairs, U @ U.transpose(0, 2, 1), 0.0).sum(-1) / np.maximum(count, 1)  # [N, K]
+    has = M & (count > 0)
+    return np.array([per[has[:, k], k].mean() if has[:, k].any() else np.nan for k in range(K)])
 
 
 def adjacent(Z: np.ndarray, M: np.ndarray) -> np.ndarray:
@@ -83,18 +87,19 @@ def adjacent(Z: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 def permutation_test(Z: np.ndarray, M: np.ndarray, n_perm: int = 500, seed: int = 0) -> dict:
     """Intra minus inter (averaged over steps) against instance labels shuffled within each step."""
-    def stat(Zs, Ms):
-        return float(np.nanmean(intra(Zs, Ms) - inter(Zs, Ms)))
+    def stat(Us, Ms):
+        return float(np.nanmean(_intra(Us, Ms) - _inter(Us, Ms)))
 
-    obs = stat(Z, M)
+    U = _unit(Z)  # a row's unit vector moves with it: normalise once, shuffle the unit vectors
+    obs = stat(U, M)
     rng = np.random.default_rng(seed)
     null = np.empty(n_perm)
     for b in range(n_perm):
-        Zp, Mp = Z.copy(), M.copy()
+        Up, Mp = U.copy(), M.copy()
         for k in range(Z.shape[1]):
             p = rng.permutation(len(Z))
-            Zp[:, k], Mp[:, k] = Z[p, k], M[p, k]
-        null[b] = stat(Zp, Mp)
+            Up[:, k], Mp[:, k] = U[p, k], M[p, k]
+        null[b] = stat(Up, Mp)
     p = (1 + np.sum(np.abs(null) >= abs(obs))) / (n_perm + 1)
     return dict(intra_minus_inter=obs, null_mean=float(null.mean()), null_sd=float(null.std()), p_value=float(p),
                 n_perm=n_perm)
