@@ -77,6 +77,9 @@ def test_segment_control_changes_k_drops_or_keeps_markers(setup):
     seg = markers.segments[0]
     assert seg.slots == [] and seg.end == P + 1 and markers.generated_ids[:2] == [r.ids.start, r.ids.end]
     assert run(setup, I.DropSegment()).segments == []
+    K = len(clean.segments[0].slots)
+    assert len(run(setup, I.ChangeK(k=2, segment=0)).segments[0].slots) == 2  # the first segment only
+    assert len(run(setup, I.ChangeK(k=2, segment=1)).segments[0].slots) == K  # a later one: the first keeps K
 
 
 def test_input_edits_act_on_the_query(load, images, tmp_path):
@@ -188,6 +191,9 @@ def test_replay_segment_edits(setup):
     assert len(markers.ids) == len(clean.ids) - 4 and markers.answer_logprobs is not None
     with pytest.raises(ValueError, match="replay cannot add latents .*use regenerate"):
         r.replay(clean, [I.ChangeK(k=9)])
+    assert len(r.replay(clean, [I.ChangeK(k=2, segment=0)]).ids) == len(clean.ids) - 2
+    later = r.replay(clean, [I.ChangeK(k=9, segment=1)])  # acts on a segment the run does not have
+    assert later.ids == r.replay(clean).ids
 
 
 def test_recorders_return_tensors_keyed_by_hook_name(setup):

@@ -96,8 +96,8 @@ def latent_conditions(clean: list, families: list[str], forms=("generate", "repl
         "swap": lambda i: [I.SwapLatent(source=swap[i])] if swap[i] is not None else [I.ZeroLatent()],
         "shuffle": lambda i: [I.ShuffleLatents(seed=seed + i)],
         "first": lambda i: [I.RepeatFirstLatent()],
-        "k_half": lambda i: [I.ChangeK(k=ks[i] // 2)],
-        "k_double": lambda i: [I.ChangeK(k=2 * ks[i])],
+        "k_half": lambda i: [I.ChangeK(k=ks[i] // 2, segment=0)],  # K is the first segment's
+        "k_double": lambda i: [I.ChangeK(k=2 * ks[i], segment=0)],
         "markers": lambda i: [I.MarkersOnly()],
         "drop": lambda i: [I.DropSegment()],
     }

@@ -370,7 +370,8 @@ class Decoder:
         spec, start = self.spec, self.ids.start
         allowed = spec.has_segments and (spec.max_segments is None or len(row.segments) < spec.max_segments)
         K = spec.k_target
-        for iv in by_point(row.ivs, "segment"):
+        edits = [iv for iv in by_point(row.ivs, "segment") if iv.acts_on(len(row.segments))]
+        for iv in edits:
             K = None if K is None else iv.segment_k(K)
         forced = allowed and K is not None and self.cfg.force_latent and not row.segments and not row.gen
         if forced:
@@ -392,7 +393,7 @@ class Decoder:
         p_start = float(torch.softmax(self.logits[r], -1)[start])
         row.seg = Segment(start=row.seq_pos, forced=forced, triggered=(greedy == start) if forced else True,
                           p_start=p_start, kind="text" if spec.placement == "text" else "latent")
-        row.k, row.K, row.exact = 0, K, bool(by_point(row.ivs, "segment"))
+        row.k, row.K, row.exact = 0, K, bool(edits)
         row.z_in, row.z_out = [], []
         if spec.placement == "text":
             row.mode = "span"

@@ -112,7 +112,7 @@ def _edited_sequence(reasoner, trace: Trace, enc: Prompt, shift: int, edits) -> 
             ids[p] = fill if p != start else ids[p]  # junk ids could be vision ids: sanitize
         K, z = len(slots), s.z_in
         k = K
-        for e in by_point(edits, "segment"):
+        for e in (e for e in by_point(edits, "segment") if e.acts_on(si)):
             k = None if k is None else e.segment_k(k)
         if k is None:
             drop.update(range(start, (end if end is not None else max(slots, default=start)) + 1))

@@ -6,7 +6,7 @@ every other method is a no-op. Fields are checked when an intervention is made, 
 (DESIGN §3):
 
     latent    feed(z, ctx)             right before a latent is written as the next input
-    segment   segment_k(K)             loop control: new K, 0 = markers only, None = drop
+    segment   segment_k(K), acts_on(i) loop control: new K, 0 = markers only, None = drop (segment i)
     input     edit_query(q)            when the prompt is built (image, question, options)
     features  edit_features(f)         on the visual encoder's merged image tokens [N, H]
     hook      edit(x, i)               a named hook inside the model (`latentmed.engine.hooks`)

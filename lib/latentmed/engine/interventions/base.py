@@ -84,6 +84,10 @@ class Intervention:
     def segment_k(self, k: int) -> int | None:
         return k
 
+    def acts_on(self, segment: int) -> bool:
+        """Whether a segment edit acts on the run's segment number `segment` (0 = the first)."""
+        return True
+
     def edit_query(self, query: Query) -> Query:
         return query
 

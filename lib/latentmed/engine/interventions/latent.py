@@ -173,15 +173,21 @@ def mean_latent(traces, segment: int = 0) -> list[float]:
 
 @dataclass
 class ChangeK(Intervention):
-    """Exactly `k` latents in every segment (sampled end tokens before k are ignored)."""
+    """Exactly `k` latents in every segment, or only in segment number `segment` (0 = the first;
+    the others keep their own K); sampled end tokens before k are ignored."""
     point: ClassVar[str] = "segment"
     k: int = 0
+    segment: int | None = None
 
     def validate(self):
         _check_int(self, "k")
+        _check_int(self, "segment", optional=True)
 
     def segment_k(self, k):
         return self.k
+
+    def acts_on(self, segment: int) -> bool:
+        return self.segment is None or segment == self.segment
 
 
 @dataclass
