@@ -240,8 +240,6 @@ def load(path: str | Path, method: str | None = None, dtype: torch.dtype | None 
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from .patch_embed import use_linear_patch_embed
-
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint folder not found")
@@ -281,7 +279,6 @@ def load(path: str | Path, method: str | None = None, dtype: torch.dtype | None 
         warnings.warn(f"{folder}: missing keys {report['missing'][:5]}, unexpected keys "
                       f"{report['unexpected'][:5]}")
     model = model.to(device).eval()
-    use_linear_patch_embed(model)
     hidden = model.config.text_config.hidden_size
     head = load_head(files, hidden, cfg, dtype, device) if spec.head == "lvr_head" else None
     constant = load_constant(folder, spec, hidden).to(device=device, dtype=dtype) \

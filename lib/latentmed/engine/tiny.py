@@ -15,7 +15,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
-from .patch_embed import use_linear_patch_embed
 from .tokenizer import build_tokenizer, save_tokenizer
 
 # Sizes: "test" keeps unit tests fast; "testbed" is the zoo's size (training-feasibility.md).
@@ -62,9 +61,7 @@ def tiny_config(tokenizer, size: str = "test", **text_overrides) -> Qwen2_5_VLCo
 def tiny_model(config: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """Random-initialised model, deterministic in `seed`, in eval mode."""
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    use_linear_patch_embed(model)
-    return model
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 def image_processor(max_pixels: int = 224 * 224, min_pixels: int = 56 * 56) -> Qwen2VLImageProcessorPil:
