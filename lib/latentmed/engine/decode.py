@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from .attention import additive, allowed, rules_for
-from .hooks import Cursor, Recorder, installed
+from .hooks import Cursor, Recorder, installed, records_pattern
 from .inputs import Prompt
 from .interventions import (
     FeedContext,
@@ -33,7 +33,7 @@ from .interventions import (
     by_point,
     check_supported,
 )
-from .kvcache import new_cache
+from .kvcache import SharedPrefixCache, new_cache, shared_attention
 from .trace import Segment, Trace
 
 
@@ -153,6 +153,7 @@ class Decoder:
 
     def __init__(self, reasoner, cfg: DecodeConfig):
         self.r, self.cfg, self.spec, self.ids = reasoner, cfg, reasoner.spec, reasoner.ids
+        self.cfg_dict = asdict(cfg)  # once per decoder (a deep copy; a 256-row sweep made 256 of them)
         self.rows: list[_Row] = []
         self.encs: list[Prompt] = []
         self.pads: list[int] = []
@@ -336,7 +337,12 @@ class Decoder:
             cursor.start = [row.seq_pos - 1 for row in self.rows]
             cursor.latent = latent_in[:, None]
         mask = self._step_mask()
-        out = self.r.step(emb, self.pos, self.mask if mask is None else mask, self.cache)
+        if isinstance(self.cache, SharedPrefixCache):  # a branch over a shared prefix: 4-D mask, own attention
+            mask = additive(self.mask.bool(), self.r.dtype)[:, None, None] if mask is None else mask
+            with shared_attention(self.r.model.model.language_model):
+                out = self.r.step(emb, self.pos, mask, self.cache, shared_prefix=self.cache)
+        else:
+            out = self.r.step(emb, self.pos, self.mask if mask is None else mask, self.cache)
         self.pos = self.pos + 1
         self.latent_in = latent_in
         self._set_outputs(out)
@@ -517,10 +523,15 @@ class Decoder:
         src = [0] * len(row_ivs) if src is None else list(src)
         if len(src) != len(row_ivs):
             raise ValueError(f"branch: {len(row_ivs)} intervention lists for {len(src)} source rows")
+        if isinstance(self.cache, SharedPrefixCache):
+            raise ValueError("branch: this decoder is itself a branch; branch its source decoder instead")
         idx = torch.tensor(src, dtype=torch.long)
         new = copy.copy(self)
-        new.cache = copy.deepcopy(self.cache)
-        new.cache.batch_select_indices(idx.to(self.r.device))
+        if any(records_pattern(by_point(ivs, "record")) for ivs in row_ivs):  # eager attention: copy the prefix
+            new.cache = copy.deepcopy(self.cache)
+            new.cache.batch_select_indices(idx.to(self.r.device))
+        else:  # the prefix stays once per source row (kvcache.SharedPrefixCache)
+            new.cache = SharedPrefixCache(self.cache, src)
         dev = idx.to(self.h.device)
         new.h, new.logits = self.h[dev], self.logits[dev]
         new.pos, new.latent_in = self.pos[dev], self.latent_in[idx]
@@ -551,9 +562,16 @@ class Decoder:
         records, where = self._engine_records(r, row, records, where)
         applied, skipped = _applied(row)
         return Trace.build(self.r, row.prompt, row.gen, row.segments, answer_at=row.answer_at,
-                           config=asdict(self.cfg), interventions=applied, skipped=skipped,
+                           config=self._config_dict(), interventions=applied, skipped=skipped,
                            step_option_logprobs=opt, nan=row.nan, stop=row.stop or "max_new_tokens",
                            option_ids=row.option_ids, records=records, record_positions=where, inputs=self.encs[r])
+
+    def _config_dict(self) -> dict:
+        """The config as a trace stores it: its own dict and option list."""
+        d = dict(self.cfg_dict)
+        if d["option_ids"] is not None:
+            d["option_ids"] = list(d["option_ids"])
+        return d
 
     def _engine_records(self, r: int, row: _Row, records: dict, where: dict):
         """Fill the engine's own hook points (latent.hook_in/out, vision.hook_out) that were asked for."""

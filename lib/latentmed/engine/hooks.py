@@ -46,6 +46,11 @@ def _template(name: str) -> str:
     return re.sub(r"^blocks\.(\d+|\*)\.", "blocks.{i}.", name)
 
 
+def records_pattern(records) -> bool:
+    """Whether any of these `Record`s reads attention weights (which only eager attention gives)."""
+    return any(_template(h) == "blocks.{i}.attn.hook_pattern" for rec in records for h in rec.hooks)
+
+
 def check_hook_name(name: str, editable: bool = False) -> None:
     """A known hook name (any layer index, or `*` for recording); else a clear error."""
     if not isinstance(name, str):

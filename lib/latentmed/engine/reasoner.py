@@ -144,11 +144,12 @@ class LatentReasoner:
                                               use_cache=cache is not None)
         return out, pos.amax(dim=(0, 2)) + 1  # [3, B, T] -> [B]
 
-    def step(self, emb: torch.Tensor, pos: torch.Tensor, mask, cache):
-        """One decode step: emb [B, 1, H] at rope positions pos [B] (same on all 3 M-RoPE axes)."""
+    def step(self, emb: torch.Tensor, pos: torch.Tensor, mask, cache, **kw):
+        """One decode step: emb [B, 1, H] at rope positions pos [B] (same on all 3 M-RoPE axes);
+        `kw` reaches the attention function (the shared prefix of a branch)."""
         return self.model.model.language_model(
             inputs_embeds=emb, position_ids=pos.view(1, -1, 1).expand(3, -1, 1), attention_mask=mask,
-            cache=cache, use_cache=True)
+            cache=cache, use_cache=True, **kw)
 
     # ---- prompts ----
     def option_ids(self, options: list[str], leading_space: bool | None = None) -> list[int]:
