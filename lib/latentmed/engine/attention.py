@@ -74,4 +74,4 @@ def allowed(queries: Sequence[int], T: int, image: torch.Tensor, segments, rules
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool allowed-mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -101,6 +101,8 @@ class SharedPrefixCache(DynamicCache):
         grouped = self.slots[self.valid]  # row of each grouped position
         self.inverse = torch.argsort(grouped)  # grouped position of each row
         self.dense = bool(self.valid.all()) and bool((grouped == torch.arange(B)).all())  # rows = groups in order
+        device = parent.layers[0].keys.device
+        self.slots, self.valid, self.inverse = self.slots.to(device), self.valid.to(device), self.inverse.to(device)
 
     def to_groups(self, x: torch.Tensor) -> torch.Tensor:
         """[B, ...] per row -> [P, n, ...] per source row (padding slots repeat row 0)."""
