@@ -77,3 +77,48 @@ def test_execute_refuses_unknown_parameters_before_running(tmp_path, monkeypatch
     assert not (tmp_path / "out" / "tiny.ipynb").exists(), "nothing may run with a misspelt parameter"
     with pytest.raises(ValueError, match="parameter 'n' = '21' is a str"):
         book.execute(chapter, tmp_path / "out", {"n": "21"})
+
+
+def _papermill_defaults(path) -> dict:
+    """What papermill's own reader finds in a parameters cell (non-literal defaults as "<expr>")."""
+    import ast
+
+    import papermill as pm
+
+    out = {}
+    for name, info in pm.inspect_notebook(str(path)).items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = "<expr>"
+    return out
+
+
+def _ours(path) -> dict:
+    return {k: "<expr>" if v is book._NO_DEFAULT else v for k, v in book.declared_parameters(path).items()}
+
+
+@pytest.mark.parametrize("chapter", [c.name for c in book.CHAPTERS])
+def test_declared_parameters_match_papermills_reading_of_every_chapter(chapter):
+    path = book.chapter(chapter).source
+    ours, theirs = _ours(path), _papermill_defaults(path)
+    assert ours and list(ours) == list(theirs) and ours == theirs
+
+
+def test_declared_parameters_read_annotations_expressions_and_comments(tmp_path, monkeypatch):
+    monkeypatch.setattr(book, "NOTEBOOKS", tmp_path)
+    src = "n: int = 3  # items\nrate = 2 * 0.5\nnames = ['a', 'b']\n# a comment\nopt = None\nx = y = 1"
+    _tiny_notebook(tmp_path, src)
+    ours = _ours(tmp_path / "tiny.ipynb")
+    assert ours == {"n": 3, "rate": "<expr>", "names": ["a", "b"], "opt": None}
+    assert {k: v for k, v in _papermill_defaults(tmp_path / "tiny.ipynb").items() if k in ours} == ours
+
+
+def test_reading_a_chapters_parameters_does_not_import_papermill():
+    import subprocess
+    import sys
+
+    code = ("import sys; from latentmed import book; book.declared_parameters('01_testbed'); "
+            "print('papermill' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

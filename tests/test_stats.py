@@ -114,3 +114,14 @@ def test_mcnemar_switches_from_exact_to_corrected_chi_square_at_25_discordant_pa
     chi2 = (abs(17 - 8) - 1) ** 2 / 25  # the continuity-corrected statistic
     assert not r25["exact"] and r25["statistic"] == pytest.approx(chi2)
     assert r25["p_value"] == pytest.approx(sps.chi2.sf(chi2, 1))
+
+
+@pytest.mark.parametrize("kind", ["float64", "bool", "int", "float32"])
+@pytest.mark.parametrize("n", [1, 9, 400, 1201])
+def test_vectorised_bootstrap_mean_gives_the_numbers_of_the_per_resample_loop(kind, n):
+    rng = np.random.default_rng(n)
+    x = {"float64": rng.normal(size=n) * 3.7, "bool": rng.random(n) < 0.3, "int": rng.integers(0, 5, n),
+         "float32": rng.normal(size=n).astype(np.float32)}[kind]
+    loop = stats.bootstrap_interval((x,), lambda v: np.mean(v), n_boot=1100, seed=5)  # not np.mean: the loop
+    assert stats.bootstrap_interval(x, n_boot=1100, seed=5) == loop  # bit for bit, over several chunks
+    assert stats.bootstrap_interval(x, n_boot=1100, seed=6) != loop or n == 1  # the draws matter

@@ -101,3 +101,20 @@ def test_tensors_many_reads_each_sidecar_once(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "load_tensors", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
     got = run.tensors_many(run.rows())
     assert len(calls) == 1 and got[1] == {} and torch.equal(got[2]["z"], torch.ones(2))
+
+
+def test_appends_read_the_rows_file_once_per_opened_run(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    run.add(rows(["a"]))
+    with open(run.path, "a") as f:
+        f.write('{"item": "b", "cond')  # a kill cut this line
+    again = ResultsStore(tmp_path).run("m", "h", {})
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    for i in range(30):  # one chapter writes thousands of chunks: each must not re-read the file
+        again.add(rows([f"x{i}"], cond="c"))
+    assert reads.count("rows.jsonl") <= 1
+    assert [r["item"] for r in ResultsStore(tmp_path).run("m", "h", {}).rows()] == ["a"] + [f"x{i}" for i in range(30)]

@@ -39,6 +39,7 @@ class Run:
         self.folder, self.meta = Path(folder), meta
         self.path = self.folder / ROWS
         self._keys: set[tuple] | None = None
+        self._whole = False  # the file is known to end with a complete line (repaired or written here)
 
     @property
     def key(self) -> str:
@@ -46,14 +47,17 @@ class Run:
 
     def _repair(self) -> None:
         """Drop a last line cut by a kill (one without its newline); complete lines are kept and
-        checked when read (`rows`)."""
-        if not self.path.exists():
+        checked when read (`rows`). Done once per opened run: later appends of this object write
+        whole lines (re-reading the file before every append made a chapter's writes quadratic)."""
+        if self._whole:
             return
-        data = self.path.read_bytes()
-        keep = data if not data or data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
-        if keep != data:
-            with open(self.path, "r+b") as f:
-                f.truncate(len(keep))
+        if self.path.exists():
+            data = self.path.read_bytes()
+            keep = data if not data or data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
+            if keep != data:
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(keep))
+        self._whole = True
 
     def rows(self) -> list[dict]:
         """Every complete row of this run (a malformed line inside the file is an error naming it)."""
@@ -105,11 +109,13 @@ class Run:
                     if tensors.get(i):
                         r["tensors"] = f"{side}#{j}"
         self._repair()
+        self._whole = False  # until the append below has completed
         with open(self.path, "a") as f:
             for _, r in new:
                 f.write(json.dumps(r, separators=(",", ":"), default=_plain) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._whole = True
         have.update(tuple(r[f] for f in KEY_FIELDS) for _, r in new)
         return len(new)
 

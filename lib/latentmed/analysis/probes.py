@@ -48,7 +48,7 @@ from threadpoolctl import threadpool_limits
 from ..testbed.items import MAX_COUNT, NUMBER_WORDS, RELATIONS
 from ..testbed.scenes import COLOUR_NAMES, SHAPES
 from . import plots
-from .stats import ALPHA, holm, mcnemar_paired
+from .stats import ALPHA, bootstrap_interval, holm, mcnemar_paired
 
 N_SPLITS = 5
 C_REG = 1.0  # inverse L2 strength of the probes (scikit-learn's default)
@@ -248,15 +248,8 @@ def probe_rows(states: dict, seed: int = 0, n_splits: int = N_SPLITS, C: float =
 # ---------------------------------------------------------------- summaries
 
 def boot_mean(values, n_boot: int = N_BOOT, alpha: float = ALPHA, seed: int = 0) -> tuple[float, float, float]:
-    """Mean with its percentile bootstrap interval over items: the same draws and numbers as
-    `stats.bootstrap_interval(values, np.mean, ...)`, vectorised (the chapter has many probes)."""
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    lo, hi = np.quantile(v[idx].mean(1), [alpha / 2, 1 - alpha / 2])
-    return float(v.mean()), float(lo), float(hi)
+    """Mean with its percentile bootstrap interval over items (`stats.bootstrap_interval`)."""
+    return bootstrap_interval(np.asarray(values, dtype=float), n_boot=n_boot, alpha=alpha, seed=seed)
 
 
 def summary(rows: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT) -> pd.DataFrame:
