@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from latentmed.analysis import mediation as Med
@@ -61,7 +62,74 @@ def test_statsmodels_mediation_agrees_on_the_planted_model():
     assert null["acme_low"] <= 0 <= null["acme_high"] and null["ade_low"] > 0.3
 
 
+def test_statsmodels_estimate_equals_statsmodels_own_formula_models(monkeypatch):
+    """The estimate passes design matrices; statsmodels' formula route must give the same numbers."""
+    import statsmodels.api as sm
+    from statsmodels.stats import mediation as smm
+
+    rows, tensors, _ = structural(150, a=2.0, b=1.0, c=0.3, seed=2)
+    ours = Med.statsmodels_estimate(rows, tensors, P, "m", seed=3, sims=40)
+    seen = {}
+
+    class Formula(smm.Mediation):  # the same data through "correct ~ treat + m" and "m ~ treat"
+        def __init__(self, outcome, mediator, exposure, med):
+            y, X = outcome.endog, outcome.exog
+            df = pd.DataFrame(dict(correct=y, treat=X[:, 1], m=X[:, 2]))
+            seen["design"] = (X[:, 0].tolist() == [1.0] * len(y), mediator.exog.shape[1])
+            super().__init__(sm.GLM.from_formula("correct ~ treat + m", df, family=sm.families.Binomial()),
+                             sm.OLS.from_formula("m ~ treat", df), "treat", "m")
+
+    monkeypatch.setattr(smm, "Mediation", Formula)
+    theirs = Med.statsmodels_estimate(rows, tensors, P, "m", seed=3, sims=40)
+    assert seen["design"] == (True, 2)
+    for k in ("acme", "acme_low", "acme_high", "ade", "ade_low", "ade_high"):
+        assert ours[k] == pytest.approx(theirs[k], abs=1e-9), k
+    assert Med.statsmodels_estimate(rows, tensors, P, "m", seed=4, sims=40)["acme_low"] != theirs["acme_low"]
+
+
 def test_holm_over_the_family():
     t = pd.DataFrame(dict(p_nie=[0.01, 0.04, 0.03]))
     out = Med.correct_family(t)
     assert np.allclose(out["p_nie_holm"], [0.03, 0.06, 0.06])
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    from latentmed import zoo
+    from latentmed.analysis import study
+    from latentmed.testbed import TestbedConfig
+
+    cfg = TestbedConfig(n_objects=(3, 8), n_train=8, n_val=8, n_test=16)
+    root = tmp_path_factory.mktemp("medzoo")
+    zoo.train_zoo(root, budget="ci", config=cfg, progress=False, model_size="test", verbose=False,
+                  methods=["negative-control"], workers=1)
+    return root, study.queries(cfg, "test", 2)
+
+
+def _rows(df):
+    return df.drop(columns=["tensors", "key"]).sort_values(["item", "condition"]).reset_index(drop=True)
+
+
+def test_a_mediation_run_another_chapter_measured_is_copied_not_recomputed(small_zoo, tmp_path, monkeypatch):
+    from latentmed.analysis import mediation as M
+    from latentmed.store import ResultsStore
+
+    root, qs = small_zoo
+    fresh = M.run_mediation(root, tmp_path / "fresh", qs, ["negative-control"], ("mask_evidence",), chapter=10)
+    M.run_mediation(root, tmp_path / "shared", qs, ["negative-control"], ("other_image", "mask_evidence"), chapter=6)
+
+    def no_model(*a, **k):
+        raise AssertionError("the rows are stored already: the model must not be loaded")
+
+    monkeypatch.setattr(M.LatentReasoner, "from_pretrained", no_model)
+    copied = M.run_mediation(root, tmp_path / "shared", qs, ["negative-control"], ("mask_evidence",), chapter=10)
+    assert len(copied) == len(fresh) == 4 * len(qs)
+    pd.testing.assert_frame_equal(_rows(copied), _rows(fresh))  # the rows a fresh run computes
+    runs = {r.meta["params"]["chapter"]: r for r in ResultsStore(tmp_path / "shared").runs()}
+    z = [(t.get("z_in")) for t in runs[10].tensors_many(runs[10].rows())]
+    z6 = {(r["item"], r["condition"]): t.get("z_in") for r, t in
+          zip(runs[6].rows(), runs[6].tensors_many(runs[6].rows()))}
+    assert sum(x is not None for x in z) > 0 and all(
+        torch.equal(a, z6[(r["item"], r["condition"])]) for r, a in zip(runs[10].rows(), z) if a is not None)
+    with pytest.raises(AssertionError, match="must not be loaded"):  # another seed: nothing to copy
+        M.run_mediation(root, tmp_path / "shared", qs, ["negative-control"], ("mask_evidence",), seed=1, chapter=10)

@@ -146,3 +146,24 @@ def test_token_ids_follow_the_vocabulary(ckpt):
     after = memo.token_ids(tok, text)
     assert after == tok.encode(text, add_special_tokens=False) and after != before
     assert tok.convert_tokens_to_ids("<|zz_new|>") in after
+
+
+def test_a_batch_walks_the_towers_weights_once_and_still_sees_an_edit_between_batches(ckpt, clean_memo,
+                                                                                     monkeypatch):
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    calls = []
+    real = memo.weights_key
+    monkeypatch.setattr(memo, "weights_key", lambda m: calls.append(1) or real(m))
+    import latentmed.engine.reasoner as R
+
+    monkeypatch.setattr(R, "weights_key", memo.weights_key)
+    prompts = [r.prompt(_query(s)) for s in range(4)]
+    with torch.inference_mode():
+        f, blocks = r.image_features(prompts, [[]] * 4)
+        assert len(calls) == 1 and clean_memo.misses == 4  # four images, one walk over the weights
+        with torch.no_grad():
+            r.model.model.visual.merger.mlp[-1].bias.add_(1.0)
+        again = [r.prompt(_query(s)) for s in range(4)]
+        f2, _ = r.image_features(again, [[]] * 4)
+    assert clean_memo.misses == 8 and clean_memo.hits == 0
+    assert all(torch.equal(b, _direct(r, p)) for b, p in zip(r.image_features(again, [[]] * 4)[1], again))

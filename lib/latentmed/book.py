@@ -63,7 +63,7 @@ CHAPTERS = [
     Chapter("08_real", ci_params=dict(demo=True), needs="none", cost=10),
     Chapter("09_performance", needs="none", cost=10),  # renders the committed benchmark results; runs nothing heavy
     Chapter("10_dose", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS, needs="dose",
-            cost=525),
+            after=("06_mediation",), cost=525),  # copies chapter 6's mediation runs of its controls
     # the opening page reads what the chapters stored: it runs last and is shown first
     Chapter("00_scorecard", ci_params=dict(small_run=True), inputs=_ZOO_INPUTS,
             after=("02_zoo", "03_input_to_latent", "04_latent_to_answer", "05_probing", "07_capimagine"), cost=40),

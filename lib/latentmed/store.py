@@ -119,6 +119,16 @@ class Run:
         have.update(tuple(r[f] for f in KEY_FIELDS) for _, r in new)
         return len(new)
 
+    def copy_from(self, other: "Run", keys) -> int:
+        """Append `other`'s rows of the (item, condition) `keys` with their tensors (rows this run
+        has are skipped); for a run whose rows another run computed the same way. Returns the
+        number written."""
+        want = {tuple(k) for k in keys}
+        rows = [r for r in other.rows() if tuple(r[f] for f in KEY_FIELDS) in want]
+        tensors = other.tensors_many(rows)
+        return self.add([{k: v for k, v in r.items() if k != "tensors"} for r in rows],
+                        {i: t for i, t in enumerate(tensors) if t})
+
     def tensors(self, row: dict) -> dict[str, torch.Tensor]:
         """The named tensors stored with `row` (empty when it has none)."""
         ref = row.get("tensors")

@@ -106,16 +106,17 @@ def image_key(processor, images) -> str:
     return h.hexdigest()
 
 
-def tower(model, pixel_values, grid: torch.Tensor, key: str | None, compute) -> torch.Tensor:
+def tower(model, pixel_values, grid: torch.Tensor, key: str | None, compute, weights: str | None = None) -> torch.Tensor:
     """The merged tokens of `pixel_values` (a tensor, or a function that makes it: the processor
     then runs only on a miss) through `model`'s tower: memoised when the pixels carry a `key`
-    (`image_key`), else computed."""
+    (`image_key`), else computed. `weights` is the tower's `weights_key` when the caller has it
+    (a batch's images share one: walking the tower's state for every image cost more than a hit)."""
     def pixels():
         return pixel_values() if callable(pixel_values) else pixel_values
 
     if key is None or MEMO.max_bytes <= 0:
         return compute(pixels(), grid)
-    full = (weights_key(model.model.visual), key, tuple(grid.flatten().tolist()), str(model.device),
+    full = (weights or weights_key(model.model.visual), key, tuple(grid.flatten().tolist()), str(model.device),
             str(model.dtype))
     hit = MEMO.get(full)
     if hit is not None:

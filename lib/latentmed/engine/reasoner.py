@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .memo import token_ids, tower
+from .memo import token_ids, tower, weights_key
 from .answers import option_token_ids as first_token_ids
 from .checkpoint import load
 from .decode import DecodeConfig, generate
@@ -82,26 +82,27 @@ class LatentReasoner:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     # ---- model calls (all positions explicit: `rope_deltas` state is never read) ----
-    def _tower(self, pix, grid: torch.Tensor, key: str | None = None) -> torch.Tensor:
+    def _tower(self, pix, grid: torch.Tensor, key: str | None = None, weights: str | None = None) -> torch.Tensor:
         """Merged image tokens [N, H] of `pix` (a tensor or a function giving it); memoised by
         content when the pixels carry a `key` (`memo.image_key`: the zoo's models share one tower,
-        so a study computes each image once)."""
+        so a study computes each image once); `weights` as in `memo.tower`."""
         def compute(p, g):
             return torch.cat(self.model.model.get_image_features(p.to(self.device), g.to(self.device)).pooler_output)
 
-        return tower(self.model, pix, grid, key, compute)
+        return tower(self.model, pix, grid, key, compute, weights)
 
     def image_features(self, encs, row_ivs) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Merged image tokens of every row, each row's block edited by its feature edits: the
         concatenation [N, H] (what the prefill scatters) and the per-row blocks."""
-        blocks = []
+        blocks, weights = [], None
         for e, ivs in zip(encs, row_ivs):
             if e.image_grid_thw is None:
                 blocks.append(None)
                 continue
             f = getattr(e, "features", None)
             if f is None:  # the pixels are read (computed if pending) only on a memo miss
-                f = self._tower(lambda: e.pixel_values, e.image_grid_thw, getattr(e, "pixel_key", None))
+                weights = weights or weights_key(self.model.model.visual)  # once per batch
+                f = self._tower(lambda: e.pixel_values, e.image_grid_thw, getattr(e, "pixel_key", None), weights)
                 if isinstance(e, Prompt):
                     e.features = f  # the tower is run once per prompt
             for iv in by_point(ivs, "features"):
