@@ -114,3 +114,26 @@ def test_contrast_with_a_comparator_on_the_same_items():
     c = contrast(rows, "a", "neg", "swap")
     assert c["change"] == pytest.approx(-0.5) and c["comparator_change"] == pytest.approx(-1 / 6)
     assert c["contrast"] == pytest.approx(-0.5 + 1 / 6) and c["contrast_low"] <= c["contrast"] <= c["contrast_high"]
+
+
+def test_prompts_built_once_give_the_rows_of_prompts_built_per_call(fresh, tmp_path, monkeypatch):
+    r = fresh("monet-sft", n_latents=4)
+    qs = queries(8)
+    own = ResultsStore(tmp_path / "own").run("m", "h", {})
+    clean = measure(r, qs, [], own, CFG)
+    conds = C.latent_conditions(clean, [q.family for q in qs], names=("zero", "swap"))
+    measure(r, qs, conds, own, CFG, clean=clean)
+    prompts = [r.prompt(q) for q in qs]
+    built = []
+    real = type(r).prompt
+    monkeypatch.setattr(type(r), "prompt", lambda self, q, edits=(): built.append(q) or real(self, q, edits))
+    given = ResultsStore(tmp_path / "given").run("m", "h", {})
+    measure(r, qs, [], given, CFG, prompts=prompts)
+    measure(r, qs, conds, given, CFG, clean=clean, prompts=prompts)
+    assert built == []  # the given prompts are used, none rebuilt
+    key = ["item", "condition"]
+    cols = ["chosen", "margin", "k", "correct"]
+    pd.testing.assert_frame_equal(own.frame().sort_values(key).reset_index(drop=True)[cols],
+                                  given.frame().sort_values(key).reset_index(drop=True)[cols])
+    with pytest.raises(ValueError, match="7 prompts for 8 queries"):
+        measure(r, qs, conds, ResultsStore(tmp_path / "bad").run("m", "h", {}), CFG, prompts=prompts[:7])

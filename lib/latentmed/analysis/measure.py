@@ -80,14 +80,18 @@ def latents(trace) -> dict:
 
 
 def measure(reasoner, queries: list, conditions: list[Condition], run: Run, config: DecodeConfig,
-            batch_size: int = 16, progress: bool = False, clean=None, record=(), keep=None) -> list:
+            batch_size: int = 16, progress: bool = False, clean=None, record=(), keep=None,
+            prompts: list | None = None) -> list:
     """Run every missing (query, condition) of `run`, `batch_size` items at a time, writing each
     chunk's rows as soon as it is done (a killed run resumes there). `record` interventions are
     added to the clean run and every generate-form condition (and left out of the rows); `keep`
-    says which tensors of those runs the store keeps (default: the clean run's latents).
+    says which tensors of those runs the store keeps (default: the clean run's latents);
+    `prompts` are the queries' prompts when the caller has built them (`reasoner.prompt`).
     Returns the clean traces (donors and replays come from them)."""
     record = as_interventions(record)
-    prompts = [reasoner.prompt(q) for q in queries]
+    prompts = prompts if prompts is not None else [reasoner.prompt(q) for q in queries]
+    if len(prompts) != len(queries):
+        raise ValueError(f"measure: {len(prompts)} prompts for {len(queries)} queries")
     answers = [p.query.answer for p in prompts]
     ids = [q.id for q in queries]
     clean = clean if clean is not None else clean_runs(reasoner, prompts, config, batch_size, record)

@@ -87,13 +87,16 @@ def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: lis
         if run.missing(keys):
             r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
             cfg = decode_config(r)
-            clean = measure(r, qs, [], run, cfg)
+            prompts = [r.prompt(q) for q in qs]  # built once for the model's seven passes
+            clean = measure(r, qs, [], run, cfg, prompts=prompts)
             z_clean = [_z(t) for t in clean]
             for p in perturbations:
                 if run.missing([k for k in keys if k[1].startswith(f"{p}:")]):
-                    measure(r, qs, [perturbed_condition(base[p])], run, cfg, clean=clean, keep=latents)
+                    measure(r, qs, [perturbed_condition(base[p])], run, cfg, clean=clean, keep=latents,
+                            prompts=prompts)
                     z_pert = stored_latents(run, [q.id for q in qs], f"{p}:xp_zxp/generate")
-                    measure(r, qs, mixed_conditions(base[p], z_clean, z_pert), run, cfg, clean=clean, keep=latents)
+                    measure(r, qs, mixed_conditions(base[p], z_clean, z_pert), run, cfg, clean=clean, keep=latents,
+                            prompts=prompts)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -90,9 +90,10 @@ def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], m
         if run.missing([(q.id, k) for q in qs for k in keys]):
             r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
             cfg = decode_config(r)
-            clean = clean_runs(r, [r.prompt(q) for q in qs], cfg)
+            prompts = [r.prompt(q) for q in qs]
+            clean = clean_runs(r, prompts, cfg)
             conds = C.latent_conditions(clean, [q.family for q in qs], forms, seed, names)
-            measure(r, qs, conds, run, cfg, clean=clean, progress=progress)
+            measure(r, qs, conds, run, cfg, clean=clean, progress=progress, prompts=prompts)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -358,9 +358,10 @@ def _matched_rows(root, store: ResultsStore, queries: list, m: str, seed: int, d
                                                 items=[q.id for q in queries], conditions=list(LATENT_MATCHED)))
     r = LatentReasoner.from_pretrained(folder, device=device)
     cfg = decode_config(r)
-    clean = clean_runs(r, [r.prompt(q) for q in queries], cfg)
+    prompts = [r.prompt(q) for q in queries]
+    clean = clean_runs(r, prompts, cfg)
     conds = C.latent_conditions(clean, [q.family for q in queries], (LATENT_FORM,), seed, names=LATENT_MATCHED)
-    measure(r, queries, conds, run, cfg, clean=clean, progress=progress)
+    measure(r, queries, conds, run, cfg, clean=clean, progress=progress, prompts=prompts)
     return run.frame()
 
 
