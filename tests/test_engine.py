@@ -389,3 +389,34 @@ def test_a_segment_without_an_end_marker_ends_after_its_last_slot(load, images):
         assert after and float(pat[after][..., seg.slots].sum()) < 1e-6
         slot_rows = [j for j, q in enumerate(where) if q in seg.slots[1:]]
         assert float(pat[slot_rows][..., seg.slots[0]].sum()) > 0  # the slots themselves still see each other
+
+
+def test_recording_a_run_of_positions_as_one_block_equals_recording_each(fresh, images, monkeypatch):
+    from latentmed.engine import hooks
+
+    rec = I.Record(hooks=["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern", "ln_final.hook_normalized",
+                          "vision.hook_out"], positions="all")
+    r = fresh("monet-sft", n_latents=K)
+    p = r.build_inputs(images[0], "What colour?", OPTIONS)
+    blocks = []
+    real = hooks.Recorder.add_rows
+    monkeypatch.setattr(hooks.Recorder, "add_rows", lambda self, *a: blocks.append(a[0]) or real(self, *a))
+    got = r.generate(p, [rec], **GEN)
+    replayed = r.replay(got, [rec])
+    assert {"blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"} <= set(blocks)  # the prefill took the block path
+
+    def one_by_one(name, items, x, recorders, cursor, pattern=False):  # the hook as it was: each column alone
+        T = x.shape[2] if pattern else x.shape[1]
+        for kind, r_, iv in items:
+            assert kind == "record"
+            for c, q in hooks._columns(iv.positions, cursor, r_, T):
+                recorders[r_].add(name, q, x[r_, :, c] if pattern else x[r_, c])
+
+    monkeypatch.setattr(hooks, "_apply", one_by_one)
+    ref = r.generate(p, [rec], **GEN)
+    ref_replayed = r.replay(ref, [rec])
+    for a, b in ((got, ref), (replayed, ref_replayed)):
+        assert a.records.keys() == b.records.keys() and a.record_positions == b.record_positions
+        for k in a.records:
+            assert torch.equal(a.records[k], b.records[k]), k
+    assert got.records["blocks.0.attn.hook_pattern"].shape[0] == len(got.record_positions["blocks.0.attn.hook_pattern"])

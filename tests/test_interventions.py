@@ -297,3 +297,32 @@ def test_every_intervention_round_trips_through_a_dict():
 def test_nonsense_fields_are_refused_when_made(make, field):
     with pytest.raises(ValueError, match=rf"\.{field}: "):
         make()
+
+
+def _noisy_as_before(edit, q):
+    """NoiseImage as it was written first: one generator drawn image after image."""
+    g = torch.Generator().manual_seed(edit.seed)
+    out = []
+    for im in q.images:
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+        n = torch.randn(x.shape, generator=g) * edit.std
+        out.append((x + n if edit.mode == "add" else 128 + n).clamp(0, 255).round().to(torch.uint8).numpy())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_noise_images_are_the_seeded_draws_with_or_without_the_memo(images, mode, monkeypatch):
+    from latentmed.engine import memo
+    from latentmed.engine.interventions import inputs as II
+
+    q = Query(images=[images[0], images[1].resize((56, 84))], question="What colour?", options=OPTIONS)
+    for bound in (0, 64 * 2**20):
+        monkeypatch.setattr(II, "_NORMAL", memo.FeatureMemo(bound))
+        for std, seed in ((16.0, 3), (96.0, 3), (16.0, 4)):  # the second reuses the first's draws
+            e = I.NoiseImage(std=std, mode=mode, seed=seed)
+            got = [np.asarray(im) for im in e.edit_query(q).images]
+            ref = _noisy_as_before(e, q)
+            assert all(np.array_equal(a, b) for a, b in zip(got, ref)), (bound, std, seed)
+        assert II._NORMAL.hits == (1 if bound else 0) and II._NORMAL.misses == (2 if bound else 0)
+    assert not np.array_equal(np.asarray(I.NoiseImage(seed=3).edit_query(q).images[1]), _noisy_as_before(
+        I.NoiseImage(seed=3), Query(images=[q.images[1]], question="x", options=OPTIONS))[0])  # draws run on

@@ -104,6 +104,11 @@ class Recorder:
     def add(self, name: str, pos: int, t: torch.Tensor) -> None:
         self.found.setdefault(name, []).append((pos, t.detach().float().cpu()))
 
+    def add_rows(self, name: str, positions: list[int], block: torch.Tensor) -> None:
+        """`add` of block[i] at positions[i] for every i, with one conversion for the block (a
+        recording at every position of a 100-token prompt made 100 calls per row and forward)."""
+        self.found.setdefault(name, []).extend(zip(positions, block.detach().float().cpu().unbind(0)))
+
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
         out, where = {}, {}
         for name, items in self.found.items():
@@ -173,7 +178,13 @@ def _apply(name, items, x: torch.Tensor, recorders, cursor, pattern: bool = Fals
     out = None
     for kind, r, iv in items:
         if kind == "record":
-            for c, p in _columns(iv.positions, cursor, r, T):
+            cols = _columns(iv.positions, cursor, r, T)
+            c0 = cols[0][0] if cols else 0
+            if len(cols) > 1 and all(c == c0 + i for i, (c, _) in enumerate(cols)):  # a run of columns: one block
+                block = x[r, :, c0:c0 + len(cols)].transpose(0, 1) if pattern else x[r, c0:c0 + len(cols)]
+                recorders[r].add_rows(name, [p for _, p in cols], block)
+                continue
+            for c, p in cols:
                 recorders[r].add(name, p, x[r, :, c] if pattern else x[r, c])
         else:
             if out is None:
