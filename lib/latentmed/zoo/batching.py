@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..engine import layouts
@@ -161,21 +162,22 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     B = len(items)
     P = max(len(r[0]) for r in rows)
     L = max(P + len(r[1]) + len(r[2]) for r in rows)
-    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
-    am = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    weights = torch.zeros((B, L))
-    answer_pos = torch.zeros(B, dtype=torch.long)
+    # filled as numpy arrays (an element write costs ~0.1 us there, ~3 us on a tensor), handed over as tensors
+    ids = np.full((B, L), tok.pad_token_id, dtype=np.int64)
+    am = np.zeros((B, L), dtype=np.int64)
+    labels = np.full((B, L), -100, dtype=np.int64)
+    weights = np.zeros((B, L), dtype=np.float32)
+    answer_pos = np.zeros(B, dtype=np.int64)
     max_q = 4 + (plan.n_latents if plan.ground_slots else 0)
-    attn_q = torch.full((B, max_q), -1, dtype=torch.long)
-    attn_target = torch.zeros((B, max_q, L))
-    hop_q = torch.full((B, 2), -1, dtype=torch.long)
-    hop_target = torch.zeros((B, 2, L))
+    attn_q = np.full((B, max_q), -1, dtype=np.int64)
+    attn_target = np.zeros((B, max_q, L), dtype=np.float32)
+    hop_q = np.full((B, 2), -1, dtype=np.int64)
+    hop_target = np.zeros((B, 2, L), dtype=np.float32)
     feats, grids, crop_pos = [], [], []
     for b, (it, (prompt_x, seg_x, ans, n_tail, _)) in enumerate(zip(items, rows)):
         off = P - len(prompt_x)
         seq = prompt_x + seg_x + ans
-        ids[b, off:off + len(seq)] = torch.tensor(seq)
+        ids[b, off:off + len(seq)] = seq
         am[b, off:off + len(seq)] = 1
         a_at = P + len(seg_x)  # index of the answer token
         labels[b, a_at - 1] = ans[0]
@@ -250,10 +252,11 @@ def collate(tok, bank: FeatureBank, idx, plan: Plan) -> Batch:
     answer_index = torch.tensor([it.options.index(it.answer_word) for it in items])
     has_k = spec.has_latents and plan.n_latents > 0
     slot_start = P + 1 + (n_crop + 2 if plan.with_crop else 0) if has_k else -1
-    return Batch(ids, am, pos, torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]), labels, weights,
-                 answer_pos, P - 1, slot_start, plan.n_latents if has_k else 0, attn_q, attn_target,
+    t = torch.from_numpy
+    return Batch(t(ids), t(am), pos, torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]), t(labels), t(weights),
+                 t(answer_pos), P - 1, slot_start, plan.n_latents if has_k else 0, t(attn_q), t(attn_target),
                  option_ids, answer_index, torch.as_tensor(idx), [it.family for it in items],
-                 torch.tensor(crop_pos) if crop_pos else None, hop_q, hop_target,
+                 torch.tensor(crop_pos) if crop_pos else None, t(hop_q), t(hop_target),
                  P + n_seg - 1 if spec.has_latents else -1)
 
 
