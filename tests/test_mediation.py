@@ -121,7 +121,9 @@ def test_a_mediation_run_another_chapter_measured_is_copied_not_recomputed(small
     def no_model(*a, **k):
         raise AssertionError("the rows are stored already: the model must not be loaded")
 
-    monkeypatch.setattr(M.LatentReasoner, "from_pretrained", no_model)
+    from latentmed.engine.reasoner import LatentReasoner
+
+    monkeypatch.setattr(LatentReasoner, "from_pretrained", no_model)
     copied = M.run_mediation(root, tmp_path / "shared", qs, ["negative-control"], ("mask_evidence",), chapter=10)
     assert len(copied) == len(fresh) == 4 * len(qs)
     pd.testing.assert_frame_equal(_rows(copied), _rows(fresh))  # the rows a fresh run computes
@@ -133,3 +135,27 @@ def test_a_mediation_run_another_chapter_measured_is_copied_not_recomputed(small
         torch.equal(a, z6[(r["item"], r["condition"])]) for r, a in zip(runs[10].rows(), z) if a is not None)
     with pytest.raises(AssertionError, match="must not be loaded"):  # another seed: nothing to copy
         M.run_mediation(root, tmp_path / "shared", qs, ["negative-control"], ("mask_evidence",), seed=1, chapter=10)
+
+
+def test_two_studies_sharing_a_model_load_and_decode_it_once(small_zoo, tmp_path, monkeypatch):
+    from latentmed.analysis import measure as measure_mod
+    from latentmed.analysis import mediation as M
+    from latentmed.analysis import study
+
+    root, qs = small_zoo
+    alone_lat = study.run_latent_study(root, tmp_path / "a", qs, ["negative-control"], forms=("generate",),
+                                       names=("swap", "zero"))
+    alone_med = M.run_mediation(root, tmp_path / "a", qs, ["negative-control"], ("mask_evidence",), chapter=10)
+    decodes = []
+    real = measure_mod.clean_runs
+    monkeypatch.setattr(study, "clean_runs", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    monkeypatch.setattr(measure_mod, "clean_runs", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    shared: dict = {}
+    lat = study.run_latent_study(root, tmp_path / "b", qs, ["negative-control"], forms=("generate",),
+                                 names=("swap", "zero"), shared=shared)
+    med = M.run_mediation(root, tmp_path / "b", qs, ["negative-control"], ("mask_evidence",), chapter=10, shared=shared)
+    assert len(decodes) == 1 and len(shared) == 1
+    pd.testing.assert_frame_equal(_rows(lat), _rows(alone_lat))
+    pd.testing.assert_frame_equal(_rows(med), _rows(alone_med))
+    M.run_mediation(root, tmp_path / "c", qs[:3], ["negative-control"], ("mask_evidence",), chapter=10, shared=shared)
+    assert len(shared) == 2 and len(decodes) == 2  # other items: loaded and decoded for themselves

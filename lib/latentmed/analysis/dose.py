@@ -34,10 +34,12 @@ def run(root: str | Path, store_dir: str | Path, qs: list, seed: int = 0, device
     lat, medi = [], []
     for mode, over in INFERENCE.items():
         suffix = "" if mode == "closed" else " (open at inference)"
+        shared: dict = {}  # each model loaded and decoded clean once for both studies
         lat.append(study.run_latent_study(root, store_dir, qs, names, forms=("generate",), seed=seed, device=device,
-                                          overrides=over, suffix=suffix, names=INTERVENTIONS).assign(inference=mode))
+                                          overrides=over, suffix=suffix, names=INTERVENTIONS,
+                                          shared=shared).assign(inference=mode))
         medi.append(med.run_mediation(root, store_dir, qs, names, ("mask_evidence",), seed, device, chapter=10,
-                                      overrides=over, suffix=suffix).assign(inference=mode))
+                                      overrides=over, suffix=suffix, shared=shared).assign(inference=mode))
     ctl = med.run_mediation(root, store_dir, qs, study.trained(root, controls), ("mask_evidence",), seed, device,
                             chapter=10).assign(inference="as trained")
     return dict(latent=pd.concat(lat, ignore_index=True), mediation=pd.concat(medi + [ctl], ignore_index=True))

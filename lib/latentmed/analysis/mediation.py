@@ -26,13 +26,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..engine import interventions as I
-from ..engine.reasoner import LatentReasoner
 from ..store import ResultsStore
-from ..zoo.evaluate import decode_config
 from . import conditions as C
 from .measure import Condition, latents, measure
 from .stats import ALPHA, holm
-from .study import model_hash
+from .study import load_for_study, model_hash
 
 PERTURBATIONS = ("mask_evidence", "other_image", "noise_96")
 RUNS = ("x_zx", "xp_zxp", "x_zxp", "xp_zx")  # Y(X, Z(X)), Y(X', Z(X')), Y(X, Z(X')), Y(X', Z(X))
@@ -69,9 +67,11 @@ def mixed_conditions(perturb: Condition, z_clean: list, z_pert: list) -> list[Co
 
 def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: list[str],
                   perturbations=PERTURBATIONS, seed: int = 0, device: str = "cpu", progress: bool = False,
-                  chapter: int = 6, overrides: dict | None = None, suffix: str = "") -> pd.DataFrame:
-    """The four runs of every (model, item, perturbation), stored; returns their rows (`overrides`
-    and `suffix` as in `study.run_latent_study`). A model whose rows are all stored is not loaded."""
+                  chapter: int = 6, overrides: dict | None = None, suffix: str = "",
+                  shared: dict | None = None) -> pd.DataFrame:
+    """The four runs of every (model, item, perturbation), stored; returns their rows (`overrides`,
+    `suffix` and `shared` as in `study.run_latent_study`). A model whose rows are all stored is not
+    loaded."""
     store = ResultsStore(store_dir)
     base = {c.name: c for c in C.input_conditions(qs, seed)}
     frames = []
@@ -85,10 +85,9 @@ def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: lis
         for p in perturbations:
             borrow(store, run, [(q.id, "clean") for q in qs] + [k for k in keys if k[1].startswith(f"{p}:")])
         if run.missing(keys):
-            r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
-            cfg = decode_config(r)
-            prompts = [r.prompt(q) for q in qs]  # built once for the model's seven passes
-            clean = measure(r, qs, [], run, cfg, prompts=prompts)
+            x = load_for_study(folder, qs, device, overrides, shared)  # prompts built once for seven passes
+            r, cfg, prompts = x.reasoner, x.config, x.prompts
+            clean = measure(r, qs, [], run, cfg, prompts=prompts, clean=x.clean)
             z_clean = [_z(t) for t in clean]
             for p in perturbations:
                 if run.missing([k for k in keys if k[1].startswith(f"{p}:")]):

@@ -8,6 +8,7 @@ recomputes a changed one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,43 @@ def latent_models(root: str | Path, names) -> list[str]:
     return out
 
 
+@dataclass
+class Loaded:
+    """A model ready to be measured: its reasoner, decode config, the queries' prompts and clean traces."""
+
+    reasoner: LatentReasoner
+    config: object
+    prompts: list
+    clean: list
+
+
+def load_for_study(folder: str | Path, qs: list[Query], device: str = "cpu", overrides: dict | None = None,
+                   shared: dict | None = None) -> Loaded:
+    """Load the model of `folder` (with spec `overrides`) and decode the queries once, clean. With
+    `shared` (a dict a chapter keeps), a second study of the same checkpoint, overrides and items
+    gets the same objects: chapter 10 measures every model of its series twice (latent
+    interventions, then mediation) and decoded each clean run twice."""
+    key = (str(Path(folder).resolve()), model_hash(folder), repr(sorted((overrides or {}).items())),
+           tuple(q.id for q in qs), device)
+    if shared is not None and key in shared:
+        return shared[key]
+    r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
+    cfg = decode_config(r)
+    prompts = [r.prompt(q) for q in qs]
+    out = Loaded(r, cfg, prompts, clean_runs(r, prompts, cfg))
+    if shared is not None:
+        shared[key] = out
+    return out
+
+
 def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], models: list[str],
                      forms=("generate", "replay"), seed: int = 0, device: str = "cpu", progress: bool = False,
-                     overrides: dict | None = None, suffix: str = "", names=C.LATENT) -> pd.DataFrame:
+                     overrides: dict | None = None, suffix: str = "", names=C.LATENT,
+                     shared: dict | None = None) -> pd.DataFrame:
     """Chapter 4: every latent condition on every model, rows in the store; returns them.
     `overrides` change the spec at inference (e.g. after_segment="all": the bottleneck open); the
     rows are then stored under the model's name plus `suffix`. A model whose rows are all stored
-    is not loaded."""
+    is not loaded; `shared` as in `load_for_study`."""
     store = ResultsStore(store_dir)
     frames = []
     keys = ["clean"] + C.latent_keys(forms, names)
@@ -88,12 +119,9 @@ def run_latent_study(root: str | Path, store_dir: str | Path, qs: list[Query], m
                       **({} if tuple(names) == C.LATENT else {"conditions": list(names)}))
         run = store.run(m + suffix, model_hash(folder), params)
         if run.missing([(q.id, k) for q in qs for k in keys]):
-            r = LatentReasoner.from_pretrained(folder, device=device, **(overrides or {}))
-            cfg = decode_config(r)
-            prompts = [r.prompt(q) for q in qs]
-            clean = clean_runs(r, prompts, cfg)
-            conds = C.latent_conditions(clean, [q.family for q in qs], forms, seed, names)
-            measure(r, qs, conds, run, cfg, clean=clean, progress=progress, prompts=prompts)
+            x = load_for_study(folder, qs, device, overrides, shared)
+            conds = C.latent_conditions(x.clean, [q.family for q in qs], forms, seed, names)
+            measure(x.reasoner, qs, conds, run, x.config, clean=x.clean, progress=progress, prompts=x.prompts)
         frames.append(run.frame())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
