@@ -82,8 +82,8 @@ def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: lis
                                                              overrides=overrides or {}))
         keys = [(q.id, "clean") for q in qs] + [(q.id, f"{p}:{k}/generate") for p in perturbations for q in qs
                                                 for k in ("xp_zxp", "x_zxp", "xp_zx")]
-        for p in perturbations:
-            borrow(store, run, [(q.id, "clean") for q in qs] + [k for k in keys if k[1].startswith(f"{p}:")])
+        borrow(store, run, [[(q.id, "clean") for q in qs] + [k for k in keys if k[1].startswith(f"{p}:")]
+                            for p in perturbations])
         if run.missing(keys):
             x = load_for_study(folder, qs, device, overrides, shared)  # prompts built once for seven passes
             r, cfg, prompts = x.reasoner, x.config, x.prompts
@@ -100,25 +100,26 @@ def run_mediation(root: str | Path, store_dir: str | Path, qs: list, models: lis
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def borrow(store: ResultsStore, run, keys: list[tuple]) -> bool:
-    """Copy `keys` (an item set's clean rows and one perturbation's three runs) into `run` from another
-    mediation run of the same model, checkpoint, items, seed and overrides that holds them all
-    (chapter 10 measures the indirect effect of masking the evidence that chapter 6 measured on
-    grounded-closed and the controls). Each perturbation is measured alone, in the same batches,
-    so the rows are the ones `run` would compute. Returns whether rows were copied."""
-    if not run.missing(keys):
-        return False
+def borrow(store: ResultsStore, run, groups: list[list[tuple]]) -> int:
+    """Copy each group of keys (an item set's clean rows and one perturbation's three runs) that
+    `run` lacks from another mediation run of the same model, checkpoint, items, seed and overrides
+    that holds the whole group (chapter 10 measures the indirect effect of masking the evidence that
+    chapter 6 measured on grounded-closed and the controls). Each perturbation is measured alone,
+    in the same batches, so the rows are the ones `run` would compute. Returns the groups copied."""
+    todo = [g for g in groups if run.missing(g)]
+    if not todo:
+        return 0
     same = ("items", "seed", "overrides")
-    for other in store.runs():
-        meta = other.meta
-        if (other.key == run.key or meta["model"] != run.meta["model"] or meta["model_hash"] != run.meta["model_hash"]
-                or "perturbations" not in meta["params"]
-                or any(meta["params"].get(f) != run.meta["params"].get(f) for f in same)):
-            continue
-        if not other.missing(keys):
+    others = [o for o in store.runs() if o.key != run.key and o.meta["model"] == run.meta["model"]
+              and o.meta["model_hash"] == run.meta["model_hash"] and "perturbations" in o.meta["params"]
+              and all(o.meta["params"].get(f) == run.meta["params"].get(f) for f in same)]
+    copied = 0
+    for keys in todo:
+        other = next((o for o in others if not o.missing(keys)), None)
+        if other is not None:
             run.copy_from(other, keys)
-            return True
-    return False
+            copied += 1
+    return copied
 
 
 def wide(rows: pd.DataFrame, perturbation: str, outcome: str = "correct") -> pd.DataFrame:

@@ -131,10 +131,9 @@ def norms(root: str | Path, models: list[str], qs: list[Query], device: str = "c
     (a noise or replacement vector must be matched to the first, not to the others)."""
     rows = []
     for m in models:
-        r = LatentReasoner.from_pretrained(Path(root) / m, device=device)
-        prompts = [r.prompt(q) for q in qs]
-        clean = clean_runs(r, prompts, decode_config(r))
-        z = [t.segments[0].z_in for t in clean if t.segments and t.segments[0].z_in is not None]
+        x = load_for_study(Path(root) / m, qs, device)
+        r, prompts = x.reasoner, x.prompts
+        z = [t.segments[0].z_in for t in x.clean if t.segments and t.segments[0].z_in is not None]
         zn = torch.cat(z).norm(dim=-1) if z else torch.zeros(0)
         with torch.inference_mode():
             words = r.model.get_input_embeddings().weight[: len(r.tokenizer)].norm(dim=-1)

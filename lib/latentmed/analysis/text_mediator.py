@@ -347,21 +347,16 @@ LATENT_MATCHED = tuple(c for _, _, c in MATCHES if c)
 def _matched_rows(root, store: ResultsStore, queries: list, m: str, seed: int, device: str, progress: bool):
     """The matched latent conditions of one model ("generate" form), measured as chapter 4 measures
     them, into a chapter-7 run of the store."""
-    from ..engine.reasoner import LatentReasoner
-    from ..zoo.evaluate import decode_config
     from . import conditions as C
-    from .measure import clean_runs, measure
-    from .study import model_hash
+    from .measure import measure
+    from .study import load_for_study, model_hash
 
     folder = Path(root) / m
     run = store.run(m, model_hash(folder), dict(chapter=7, part="matched latent conditions", seed=seed,
                                                 items=[q.id for q in queries], conditions=list(LATENT_MATCHED)))
-    r = LatentReasoner.from_pretrained(folder, device=device)
-    cfg = decode_config(r)
-    prompts = [r.prompt(q) for q in queries]
-    clean = clean_runs(r, prompts, cfg)
-    conds = C.latent_conditions(clean, [q.family for q in queries], (LATENT_FORM,), seed, names=LATENT_MATCHED)
-    measure(r, queries, conds, run, cfg, clean=clean, progress=progress, prompts=prompts)
+    x = load_for_study(folder, queries, device)
+    conds = C.latent_conditions(x.clean, [q.family for q in queries], (LATENT_FORM,), seed, names=LATENT_MATCHED)
+    measure(x.reasoner, queries, conds, run, x.config, clean=x.clean, progress=progress, prompts=x.prompts)
     return run.frame()
 
 

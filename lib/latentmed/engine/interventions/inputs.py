@@ -62,15 +62,15 @@ class NoiseImage(InputEdit):
         _check_int(self, "seed")
 
     def edit_query(self, q):
-        if not q.images:
-            raise ValueError("this input edit needs a query with an image")
-        xs = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in q.images]
-        images = []
-        for x, d in zip(xs, seeded_normal(self.seed, tuple(tuple(x.shape) for x in xs))):
-            n = d * self.std
+        draws = iter(seeded_normal(self.seed, tuple((im.height, im.width, 3) for im in q.images)))
+
+        def noisy(im):
+            x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+            n = next(draws) * self.std
             x = (x + n if self.mode == "add" else 128 + n).clamp(0, 255).round().to(torch.uint8)
-            images.append(Image.fromarray(x.numpy()))
-        return q.replace(images=images)
+            return Image.fromarray(x.numpy())
+
+        return self._map_images(q, noisy)
 
 
 _NORMAL = FeatureMemo(int(float(os.environ.get("LATENTMED_NOISE_MEMO_MB", "256")) * 2**20))
@@ -81,6 +81,8 @@ def seeded_normal(seed: int, shapes: tuple[tuple[int, ...], ...]) -> list[torch.
     seeded with `seed` (callers must not write into them). Memoised, bounded by bytes
     (LATENTMED_NOISE_MEMO_MB, 0 turns it off): a study perturbs the same items with the same seeds
     at three noise levels for every model, and a 224 px draw costs about 1 ms."""
+    if not shapes:
+        return []
     key = (seed, shapes)
     flat = _NORMAL.get(key) if _NORMAL.max_bytes > 0 else None
     if flat is None:
