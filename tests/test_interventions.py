@@ -38,6 +38,29 @@ def test_noise_has_the_asked_norm_relative_to_the_latent(setup):
     assert ((added.z_in[0] - clean.z_in[0]).norm() / clean.z_in[0].norm()).item() == pytest.approx(0.5, rel=1e-5)
 
 
+def test_feed_rows_equals_each_rows_edits_in_order():
+    """The decode loop feeds a step's latents as one block: the same vectors as each row's edits
+    applied one by one (noise in both modes, step limits, two edits on one row, no edit)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 16, generator=g) * torch.arange(1, 8)[:, None]
+    first = torch.randn(16, generator=g)
+    row_ivs = [[I.NoiseLatent(scale=0.3, mode="add", seed=1)], [I.NoiseLatent(scale=3.0, mode="replace", seed=2)],
+               [I.NoiseLatent(scale=1.0, seed=1, steps=[0])], [],
+               [I.NoiseLatent(scale=0.5, mode="replace", seed=4), I.ExtremeLatent(value=2.0, mode="scale")],
+               [I.ZeroLatent(), I.NoiseLatent(scale=1.0, seed=5)], [I.RepeatFirstLatent()]]
+    ctxs = [I.FeedContext(k=k, segment=s, row=i, first=first) for i, (k, s) in
+            enumerate([(0, 0), (3, 0), (2, 0), (1, 0), (1, 1), (0, 0), (2, 0)])]
+    want = []
+    for v, c, x in zip(row_ivs, ctxs, z):
+        for iv in v:
+            x = iv.feed(x, c)
+        want.append(x)
+    got = I.feed_rows(row_ivs, z.clone(), ctxs)
+    assert torch.equal(got, torch.stack(want))
+    assert torch.equal(got[2], z[2]) and torch.equal(got[3], z[3]) and torch.equal(got[6], first)  # steps, none, first
+    assert not torch.equal(got[0], z[0]) and torch.count_nonzero(got[5]) == 0  # each edit acts
+
+
 def test_swap_fixed_mean_extreme_and_steps(setup):
     r, _, clean = setup
     other = torch.randn(4, r.hidden_size)

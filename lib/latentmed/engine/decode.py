@@ -32,6 +32,7 @@ from .interventions import (
     as_interventions,
     by_point,
     check_supported,
+    feed_rows,
 )
 from .kvcache import SharedPrefixCache, new_cache, shared_attention
 from .trace import Segment, Trace
@@ -160,6 +161,7 @@ class Decoder:
         self.cache = self.h = self.logits = self.pos = self.mask = None
         self.latent_in = None  # [B] bool: the last forward's input slot was a latent
         self.image_feats: list[torch.Tensor | None] = []
+        self._feeds: list[tuple[int, _Row, FeedContext]] = []  # latents queued for the next slot (`_feed`)
 
     # -- setup --
     def prefill(self, encs: list[Prompt], row_ivs: list[list[Intervention]], overrides=(),
@@ -291,7 +293,8 @@ class Decoder:
         greedy = self.logits.argmax(-1).tolist()
         lsm = self._option_logprobs()
         filler = self.ids.eos[0] if self.ids.eos else 0
-        next_ids, vecs = [filler] * B, {}
+        next_ids, live = [filler] * B, []
+        self._feeds = []
         for r, row in enumerate(self.rows):
             if row.mode == "done":
                 continue
@@ -300,14 +303,15 @@ class Decoder:
                 self._stop(row, "nan")
                 continue
             self._record_outputs(r, row, lsm)
-            tok, vec = self._decide(r, row, greedy[r])
+            tok = self._decide(r, row, greedy[r])
             row.gen.append(tok)
             next_ids[r] = tok
-            if vec is not None:
-                vecs[r] = vec
-            self._check_stop(row, tok)
+            live.append(row)
+        fed = self._feed_all()  # one batch for every row's latent, before a stop can close its segment
+        for row in live:
+            self._check_stop(row, row.gen[-1])
         if not self.done:
-            self._forward(next_ids, vecs, cursor)
+            self._forward(next_ids, fed, cursor)
 
     def _option_logprobs(self) -> dict | None:
         """Every row's option log-probs at this step, one gather per distinct option list (rows of
@@ -326,12 +330,14 @@ class Decoder:
         if self.latent_in[r]:
             row.z_out.append(self.h[r])
 
-    def _forward(self, next_ids: list[int], vecs: dict, cursor: Cursor | None) -> None:
+    def _forward(self, next_ids: list[int], fed: tuple[list[int], torch.Tensor] | None, cursor: Cursor | None) -> None:
+        """Embed the chosen tokens, write the fed latents (rows, [n, H]) over theirs, run one step."""
         emb = self.r.model.get_input_embeddings()(torch.tensor(next_ids, device=self.r.device)[:, None])
         latent_in = torch.zeros(len(self.rows), dtype=torch.bool)
-        for r, v in vecs.items():
-            emb[r, 0] = v.to(emb.dtype)
-            latent_in[r] = True
+        if fed is not None:
+            rows, z = fed
+            emb[torch.tensor(rows, device=emb.device), 0] = z.to(emb.dtype)
+            latent_in[rows] = True
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         if cursor is not None:
             cursor.start = [row.seq_pos - 1 for row in self.rows]
@@ -348,18 +354,18 @@ class Decoder:
         self._set_outputs(out)
 
     # -- decisions --
-    def _decide(self, r: int, row: _Row, greedy: int) -> tuple[int, torch.Tensor | None]:
-        """The token recorded at the next slot, and the latent to feed there (or None)."""
+    def _decide(self, r: int, row: _Row, greedy: int) -> int:
+        """The token recorded at the next slot; a row that feeds a latent there queues it (`_feed`)."""
         if row.mode == "latent":
-            out = self._latent_step(r, row, greedy)
-            if out is not None:
-                return out
+            tok = self._latent_step(r, row, greedy)
+            if tok is not None:
+                return tok
         elif row.mode == "span":
-            out = self._span_step(r, row)
-            if out is not None:
-                return out
+            tok = self._span_step(r, row)
+            if tok is not None:
+                return tok
         if row.suffix:
-            return self._suffix_step(row), None
+            return self._suffix_step(row)
         return self._text_step(r, row, greedy)
 
     def _suffix_step(self, row: _Row) -> int:
@@ -372,7 +378,7 @@ class Decoder:
     def _pick(self, r: int, row: _Row, greedy: int) -> int:
         return greedy if not self.cfg.do_sample else pick(self.logits[r], self.cfg, row.generator)
 
-    def _text_step(self, r: int, row: _Row, greedy: int) -> tuple[int, torch.Tensor | None]:
+    def _text_step(self, r: int, row: _Row, greedy: int) -> int:
         spec, start = self.spec, self.ids.start
         allowed = spec.has_segments and (spec.max_segments is None or len(row.segments) < spec.max_segments)
         K = spec.k_target
@@ -386,7 +392,7 @@ class Decoder:
             if self.cfg.force_latent and not row.segments and not row.gen and self.cfg.force_suffix:
                 self._after_segment(row, next_index=0)  # forced protocol: the suffix comes at once
                 if row.suffix:
-                    return self._suffix_step(row), None
+                    return self._suffix_step(row)
             logits = self.logits[r].clone()
             logits[start] = -float("inf")
             tok = pick(logits, self.cfg, row.generator)
@@ -395,7 +401,7 @@ class Decoder:
         if not (allowed and K is not None and tok == start):
             if self.cfg.force_suffix and not spec.has_segments and not row.gen and row.answer_at is None:
                 row.answer_at = 0  # no segment: the answer is the first token after the prompt
-            return tok, None
+            return tok
         p_start = float(torch.softmax(self.logits[r], -1)[start])
         row.seg = Segment(start=row.seq_pos, forced=forced, triggered=(greedy == start) if forced else True,
                           p_start=p_start, kind="text" if spec.placement == "text" else "latent")
@@ -403,30 +409,30 @@ class Decoder:
         row.z_in, row.z_out = [], []
         if spec.placement == "text":
             row.mode = "span"
-            return start, None
+            return start
         row.mode = "latent"
         if spec.placement == "overwrite_start" and K > 0:
-            return start, self._feed(r, row)  # the first latent sits on the start slot itself
-        return start, None
+            self._feed(r, row)  # the first latent sits on the start slot itself
+        return start
 
-    def _latent_step(self, r: int, row: _Row, greedy: int) -> tuple[int, torch.Tensor | None] | None:
+    def _latent_step(self, r: int, row: _Row, greedy: int) -> int | None:
         """Inside a latent segment: end it (returns the end token, or None to sample) or feed."""
         spec, end = self.spec, self.ids.end
         if row.k >= row.K:
             how = "quota" if spec.end_rule == "after_k_sample" and not self.cfg.force_suffix else \
                 "cap" if spec.end_rule == "model_or_cap" and not row.exact else "forced"
             self._close(row, how, end_pos=None if how == "quota" else row.seq_pos, own_end=greedy == end)
-            return None if how == "quota" else (end, None)
+            return None if how == "quota" else end
         tok = self._pick(r, row, greedy)
         early_ok = not row.exact and spec.end_rule != "after_k_sample" and row.source is None and \
             (row.k > 0 or spec.end_rule == "model_or_cap")  # an outside source always gives its K vectors
         if tok == end and early_ok:
             self._close(row, "model", end_pos=row.seq_pos, own_end=True)
-            return end, None
-        vec = self._feed(r, row)
-        return (self.ids.pad if self.ids.pad is not None else tok), vec
+            return end
+        self._feed(r, row)
+        return self.ids.pad if self.ids.pad is not None else tok
 
-    def _span_step(self, r: int, row: _Row) -> tuple[int, torch.Tensor | None] | None:
+    def _span_step(self, r: int, row: _Row) -> int | None:
         """Inside CapImagine's text imagination: record the span, close it on the end marker."""
         if row.k > 0:
             row.z_out.append(self.h[r])
@@ -437,28 +443,39 @@ class Decoder:
             own = tok == self.ids.end
             how = "model" if own else "eos_forced" if eos_forced else "cap"
             self._close(row, how, end_pos=row.seq_pos, own_end=own)
-            return self.ids.end, None
+            return self.ids.end
         row.seg.slots.append(row.seq_pos)
         row.k += 1
         if tok in self.ids.eos:
             self._close(row, "eos", end_pos=None)
-        return tok, None
+        return tok
 
-    def _feed(self, r: int, row: _Row) -> torch.Tensor:
-        """The next latent: its source (hidden -> head, crop tokens, constant) -> the row's edits."""
-        if row.source is not None:
-            z = row.source[row.k % len(row.source)].to(self.h.dtype)
-        else:
-            z = self.h[r]
-            if self.r.head is not None and (row.k > 0 or self.spec.head_on_first):
-                z = self.r.head(z)
+    def _feed(self, r: int, row: _Row) -> None:
+        """Queue row r's next latent for `_feed_all` (its slot and index are taken now)."""
         ctx = FeedContext(k=row.k, segment=len(row.segments), row=r, first=row.z_in[0] if row.z_in else None)
-        for iv in by_point(row.ivs, "latent"):
-            z = iv.feed(z, ctx)
+        self._feeds.append((r, row, ctx))
         row.seg.slots.append(row.seq_pos)
-        row.z_in.append(z)
         row.k += 1
-        return z
+
+    def _feed_all(self) -> tuple[list[int], torch.Tensor] | None:
+        """Every queued latent as one block: its source (hidden -> head, crop tokens, constant),
+        then the rows' latent edits (`feed_rows`); returns (rows, [n, H]) or None."""
+        if not self._feeds:
+            return None
+        rows = [r for r, _, _ in self._feeds]
+        z = self.h[torch.tensor(rows, device=self.h.device)]
+        if self.r.head is not None:
+            on = [i for i, (_, row, c) in enumerate(self._feeds) if row.source is None and (c.k > 0 or self.spec.head_on_first)]
+            if on:
+                z[on] = self.r.head(z[on])
+        for i, (_, row, c) in enumerate(self._feeds):
+            if row.source is not None:
+                z[i] = row.source[c.k % len(row.source)].to(z.dtype)
+        z = feed_rows([by_point(row.ivs, "latent") for _, row, _ in self._feeds], z, [c for _, _, c in self._feeds])
+        for i, (_, row, _) in enumerate(self._feeds):
+            row.z_in.append(z[i])
+        self._feeds = []
+        return rows, z
 
     def _close(self, row: _Row, how: str, end_pos: int | None, own_end: bool | None = None) -> None:
         seg = row.seg

@@ -63,6 +63,7 @@ from .latent import (
                    ShuffleLatents,
                    SwapLatent,
                    ZeroLatent,
+                   feed_rows,
                    mean_latent,
 )
 from .span import CorruptWord, DeleteSpan, ReplaceSpan, ShuffleSpan, SpanEdit
@@ -73,4 +74,4 @@ __all__ = ["ENTRY_POINTS", "KNOCKOUT_KEYS", "KNOCKOUT_QUERIES", "REGISTRY", "Bla
            "MeanLatent", "NoiseImage", "NoiseImageFeatures", "NoiseLatent", "OtherImage", "Record",
            "RepeatFirstLatent", "ReplaceSpan", "ShuffleLatents", "ShuffleOptions", "ShuffleSpan", "SpanEdit",
            "SwapLatent", "SwapQuestion", "ZeroLatent", "apply_query_edits", "as_interventions", "by_point",
-           "check_supported", "derangement", "from_dict", "mean_latent"]
+           "check_supported", "derangement", "feed_rows", "from_dict", "mean_latent"]

@@ -41,6 +41,24 @@ class LatentFeed(Intervention, abstract=True):
     def apply(self, z: torch.Tensor, ctx: FeedContext) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def feed_many(cls, ivs: list["LatentFeed"], z: torch.Tensor, ctxs: list[FeedContext]) -> torch.Tensor:
+        """`feed` of edit i on row i of z [n, H], for edits of this class (a batch can override it)."""
+        return torch.stack([iv.feed(z[i], c) for i, (iv, c) in enumerate(zip(ivs, ctxs))])
+
+
+def feed_rows(row_ivs: list[list[Intervention]], z: torch.Tensor, ctxs: list[FeedContext]) -> torch.Tensor:
+    """Row i's latent edits applied in its order to row i of z [n, H] (written in place); the rows
+    whose j-th edit is of one class go through that class's `feed_many` together (a sweep feeds
+    its M noise variants as one block instead of M small tensors)."""
+    for j in range(max((len(v) for v in row_ivs), default=0)):
+        groups: dict[type, list[int]] = {}
+        for i, v in enumerate(row_ivs):
+            if j < len(v):
+                groups.setdefault(type(v[j]), []).append(i)
+        for cls, rows in groups.items():
+            z[rows] = cls.feed_many([row_ivs[i][j] for i in rows], z[rows], [ctxs[i] for i in rows]).to(z.dtype)
+    return z
 
 
 @dataclass
@@ -88,6 +106,22 @@ class NoiseLatent(LatentFeed):
     def apply(self, z, ctx):
         n = self.noise(z, ctx)
         return z + n if self.mode == "add" else n
+
+    @classmethod
+    def feed_many(cls, ivs, z, ctxs):
+        """All rows' noise at once: the same directions and norms as `noise`, row by row."""
+        on = [i for i, (iv, c) in enumerate(zip(ivs, ctxs)) if iv.steps is None or c.k in iv.steps]
+        if not on:
+            return z
+        d = torch.stack([_direction(ivs[i].seed * 1_000_003 + ctxs[i].segment * 1009 + ctxs[i].k, z.shape[-1])
+                         for i in on])
+        scale = torch.tensor([float(ivs[i].scale) for i in on])[:, None]
+        x = z[on]
+        n = (d * scale * x.float().norm(dim=-1, keepdim=True)).to(z.dtype).to(z.device)
+        add = torch.tensor([ivs[i].mode == "add" for i in on], device=z.device)[:, None]
+        out = z.clone()
+        out[on] = torch.where(add, x + n, n)
+        return out
 
 
 @functools.lru_cache(maxsize=4096)
