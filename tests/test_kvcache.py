@@ -47,6 +47,20 @@ def test_a_step_writes_in_place_where_dynamic_layer_copies():
     assert ours.get_seq_length() == 0 and ours._k is None
 
 
+def test_a_layer_with_room_allocates_once_and_returns_the_same():
+    steps = _steps(None)
+    n = sum(k.shape[-2] for k, _ in steps)
+    ours, ref, grown = GrowingLayer(), DynamicLayer(), GrowingLayer()
+    ours.room = n
+    ptrs = set()
+    for k, v in steps:
+        a, b, c = ours.update(k, v), ref.update(k, v), grown.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0])
+        ptrs.add(ours._k.data_ptr())
+    assert len(ptrs) == 1 and ours._k.shape[-2] == n  # one allocation of `room` positions, no regrowth
+    assert grown._k.shape[-2] != n  # without room the layer doubles as it fills
+
+
 def test_new_cache_swaps_only_full_attention_layers(ckpt):
     from transformers import AutoConfig
 

@@ -129,7 +129,9 @@ class _Row:
     segments: list[Segment] = field(default_factory=list)
     z_in: list = field(default_factory=list)
     z_out: list = field(default_factory=list)
-    opt_lp: list = field(default_factory=list)
+    opt_lp: list = field(default_factory=list)  # option log-probs of steps before this decoder's own
+    opt_from: int | None = None  # the decoder's step blocks (`Decoder._opt`) this row recorded: from here
+    opt_n: int = 0  # ... this many
     logits: list = field(default_factory=list)
     nan: bool = False
     stop: str | None = None
@@ -159,8 +161,10 @@ class Decoder:
         self.encs: list[Prompt] = []
         self.pads: list[int] = []
         self.cache = self.h = self.logits = self.pos = self.mask = None
-        self.latent_in = None  # [B] bool: the last forward's input slot was a latent
+        self.latent_in: list[bool] = []  # per row: the last forward's input slot was a latent
         self.image_feats: list[torch.Tensor | None] = []
+        self._opt: dict[tuple, list[torch.Tensor]] = {}  # per option list: its [B, n] log-probs, step by step
+        self._opt_stacked: dict[tuple, torch.Tensor] = {}  # the same stacked [steps, B, n] (built for traces)
         self._feeds: list[tuple[int, _Row, FeedContext]] = []  # latents queued for the next slot (`_feed`)
 
     # -- setup --
@@ -184,7 +188,7 @@ class Decoder:
         for r, t, _ in overrides:
             latent[r, t] = True
         mask4d = self._prefill_mask(ids) if any(row.rules for row in self.rows) else None
-        self.cache = new_cache(self.r.model.config)
+        self.cache = new_cache(self.r.model.config, room=T + self.cfg.max_new_tokens)
         cursor = Cursor(start=[-p for p in self.pads], latent=latent)
         with self._hooks(cursor):
             out, self.pos = self.r.forward(ids, self.mask, _cat([e.image_grid_thw for e in encs]), feats, overrides,
@@ -197,7 +201,7 @@ class Decoder:
             if row.option_ids and row.gen:  # teacher-forced ids: their option log-probs from the prefill
                 h = self.full_hidden[r, self.pads[r] + P - 1:-1]
                 row.opt_lp = list(torch.log_softmax(self.r.model.lm_head(h).float(), -1)[:, row.option_ids])
-        self.latent_in = torch.zeros(B, dtype=torch.bool)
+        self.latent_in = [False] * B
         return self
 
     def _new_row(self, e: Prompt, ivs: list[Intervention]) -> _Row:
@@ -290,7 +294,7 @@ class Decoder:
         """Choose every row's next input from the last forward, then run the next forward."""
         B = len(self.rows)
         bad = (~torch.isfinite(self.logits.sum(-1) + self.h.float().sum(-1))).tolist()
-        greedy = self.logits.argmax(-1).tolist()
+        greedy = _argmax_rows(self.logits)
         lsm = self._option_logprobs()
         filler = self.ids.eos[0] if self.ids.eos else 0
         next_ids, live = [filler] * B, []
@@ -315,16 +319,24 @@ class Decoder:
 
     def _option_logprobs(self) -> dict | None:
         """Every row's option log-probs at this step, one gather per distinct option list (rows of
-        one sweep share theirs): {tuple of option ids: [B, n options]}."""
+        one sweep share theirs), kept as one [B, n options] block per list and step (`_opt`);
+        returns {tuple of option ids: index of this step's block}."""
         wanted = {tuple(row.option_ids) for row in self.rows if row.option_ids and row.mode != "done"}
         if not wanted:
             return None
         lsm = torch.log_softmax(self.logits, -1)
-        return {ids: lsm[:, list(ids)] for ids in wanted}
+        at = {}
+        for ids in wanted:
+            blocks = self._opt.setdefault(ids, [])
+            blocks.append(lsm[:, list(ids)])
+            at[ids] = len(blocks) - 1
+        return at
 
-    def _record_outputs(self, r: int, row: _Row, lsm) -> None:
-        if row.option_ids:
-            row.opt_lp.append(lsm[tuple(row.option_ids)][r])
+    def _record_outputs(self, r: int, row: _Row, at) -> None:
+        if row.option_ids:  # a live row records at every step: its blocks are consecutive
+            if row.opt_from is None:
+                row.opt_from = at[tuple(row.option_ids)]
+            row.opt_n += 1
         if row.want_logits:
             row.logits.append(self.logits[r].cpu())
         if self.latent_in[r]:
@@ -333,15 +345,16 @@ class Decoder:
     def _forward(self, next_ids: list[int], fed: tuple[list[int], torch.Tensor] | None, cursor: Cursor | None) -> None:
         """Embed the chosen tokens, write the fed latents (rows, [n, H]) over theirs, run one step."""
         emb = self.r.model.get_input_embeddings()(torch.tensor(next_ids, device=self.r.device)[:, None])
-        latent_in = torch.zeros(len(self.rows), dtype=torch.bool)
+        latent_in = [False] * len(self.rows)
         if fed is not None:
             rows, z = fed
             emb[torch.tensor(rows, device=emb.device), 0] = z.to(emb.dtype)
-            latent_in[rows] = True
+            for r in rows:
+                latent_in[r] = True
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         if cursor is not None:
             cursor.start = [row.seq_pos - 1 for row in self.rows]
-            cursor.latent = latent_in[:, None]
+            cursor.latent = torch.tensor(latent_in)[:, None]
         mask = self._step_mask()
         if isinstance(self.cache, SharedPrefixCache):  # a branch over a shared prefix: 4-D mask, own attention
             mask = additive(self.mask.bool(), self.r.dtype)[:, None, None] if mask is None else mask
@@ -361,7 +374,7 @@ class Decoder:
             if tok is not None:
                 return tok
         elif row.mode == "span":
-            tok = self._span_step(r, row)
+            tok = self._span_step(r, row, greedy)
             if tok is not None:
                 return tok
         if row.suffix:
@@ -432,11 +445,11 @@ class Decoder:
         self._feed(r, row)
         return self.ids.pad if self.ids.pad is not None else tok
 
-    def _span_step(self, r: int, row: _Row) -> int | None:
+    def _span_step(self, r: int, row: _Row, greedy: int) -> int | None:
         """Inside CapImagine's text imagination: record the span, close it on the end marker."""
         if row.k > 0:
             row.z_out.append(self.h[r])
-        tok = self._pick(r, row, int(self.logits[r].argmax()))
+        tok = self._pick(r, row, greedy)
         cap = self.spec.max_latents
         eos_forced = tok in self.ids.eos and self.cfg.force_suffix  # forced protocol: EOS ends the span, not the run
         if tok == self.ids.end or (cap and row.k >= cap) or eos_forced:
@@ -476,6 +489,13 @@ class Decoder:
             row.z_in.append(z[i])
         self._feeds = []
         return rows, z
+
+    def _option_rows(self, r: int, row: _Row) -> list[torch.Tensor]:
+        """Row r's option log-probs, one [n options] tensor per step it recorded."""
+        if not row.opt_n:
+            return list(row.opt_lp)
+        blocks = self._opt[tuple(row.option_ids)]
+        return list(row.opt_lp) + [b[r] for b in blocks[row.opt_from:row.opt_from + row.opt_n]]
 
     def _close(self, row: _Row, how: str, end_pos: int | None, own_end: bool | None = None) -> None:
         seg = row.seg
@@ -548,14 +568,14 @@ class Decoder:
             new.cache = copy.deepcopy(self.cache)
             new.cache.batch_select_indices(idx.to(self.r.device))
         else:  # the prefix stays once per source row (kvcache.SharedPrefixCache)
-            new.cache = SharedPrefixCache(self.cache, src)
+            new.cache = SharedPrefixCache(self.cache, src, room=self.cfg.max_new_tokens)
         dev = idx.to(self.h.device)
         new.h, new.logits = self.h[dev], self.logits[dev]
-        new.pos, new.latent_in = self.pos[dev], self.latent_in[idx]
+        new.pos, new.latent_in = self.pos[dev], [self.latent_in[i] for i in src]
         new.mask = self.mask[dev]
         new.pads = [self.pads[i] for i in src]
         new.image_feats = [self.image_feats[i] for i in src]
-        new.rows, new.encs = [], [self.encs[i] for i in src]
+        new.rows, new.encs, new._opt, new._opt_stacked = [], [self.encs[i] for i in src], {}, {}
         for i, ivs in zip(src, row_ivs):
             old = self.rows[i]
             row = copy.copy(old)
@@ -563,7 +583,8 @@ class Decoder:
             row.rules = rules_for(self.spec, row.ivs)
             row.want_logits = _wants(row.ivs, "unembed.hook_logits")
             row.gen, row.segments, row.opt_lp, row.logits = list(old.gen), list(old.segments), \
-                list(old.opt_lp), list(old.logits)
+                self._option_rows(i, old), list(old.logits)
+            row.opt_from, row.opt_n = None, 0
             row.suffix, row.recorder = list(old.suffix), copy.deepcopy(old.recorder)
             if old.generator is not None:
                 row.generator = torch.Generator()
@@ -574,7 +595,7 @@ class Decoder:
     # -- results --
     def trace(self, r: int) -> Trace:
         row = self.rows[r]
-        opt = torch.stack(row.opt_lp).cpu() if row.opt_lp else None
+        opt = self._option_matrix(r, row)
         records, where = row.recorder.tensors()
         records, where = self._engine_records(r, row, records, where)
         applied, skipped = _applied(row)
@@ -582,6 +603,17 @@ class Decoder:
                            config=self._config_dict(), interventions=applied, skipped=skipped,
                            step_option_logprobs=opt, nan=row.nan, stop=row.stop or "max_new_tokens",
                            option_ids=row.option_ids, records=records, record_positions=where, inputs=self.encs[r])
+
+    def _option_matrix(self, r: int, row: _Row) -> torch.Tensor | None:
+        """[steps, n options]: row r's option log-probs (one slice of the stacked step blocks)."""
+        if not row.opt_n:
+            return torch.stack(row.opt_lp).cpu() if row.opt_lp else None
+        ids = tuple(row.option_ids)
+        stacked = self._opt_stacked.get(ids)
+        if stacked is None or len(stacked) != len(self._opt[ids]):
+            stacked = self._opt_stacked[ids] = torch.stack(self._opt[ids])
+        own = stacked[row.opt_from:row.opt_from + row.opt_n, r]
+        return (torch.cat([torch.stack(row.opt_lp), own]) if row.opt_lp else own.clone()).cpu()
 
     def _config_dict(self) -> dict:
         """The config as a trace stores it: its own dict and option list."""
@@ -622,6 +654,14 @@ def _applied(row: _Row) -> tuple[list[dict], list[dict]]:
             why = "no segment was opened"
         (applied if why is None else skipped).append(iv.to_dict() if why is None else {**iv.to_dict(), "why": why})
     return applied, skipped
+
+
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Every row's argmax (the first maximum, as torch's): numpy's on CPU, where torch's argmax
+    over a [256, vocab] block cost as much as a layer's matmuls (measured 390 vs 24 us)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
 
 
 def _wants(ivs, name: str) -> bool:

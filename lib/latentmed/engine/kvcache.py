@@ -31,6 +31,7 @@ class GrowingLayer(DynamicLayer):
     its keys were replaced, e.g. by `batch_select_indices`), instead of concatenating."""
 
     _k = _v = None
+    room = 0  # positions to allocate at the first write (a decode knows its length: no regrowth)
 
     def _length(self) -> int:
         """Positions this layer itself holds."""
@@ -48,7 +49,8 @@ class GrowingLayer(DynamicLayer):
         need = n + key_states.shape[-2]
         if not self._has_room(need):
             B, H, _, D = key_states.shape
-            k, v = key_states.new_empty(B, H, 2 * need, D), value_states.new_empty(B, H, 2 * need, value_states.shape[-1])
+            size = max(2 * need, self.room)
+            k, v = key_states.new_empty(B, H, size, D), value_states.new_empty(B, H, size, value_states.shape[-1])
             if n:
                 k[:, :, :n], v[:, :, :n] = self.keys, self.values
             self._k, self._v = k, v
@@ -61,10 +63,14 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache(config) -> DynamicCache:
-    """A DynamicCache for `config` whose full-attention layers append in place (GrowingLayer)."""
+def new_cache(config, room: int = 0) -> DynamicCache:
+    """A DynamicCache for `config` whose full-attention layers append in place (GrowingLayer),
+    each allocating `room` positions at its first write."""
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.room = room
     return cache
 
 
@@ -86,11 +92,13 @@ class SharedPrefixCache(DynamicCache):
     """Branch rows that share their source row's prefix: row r continues source row `src[r]`.
     `update` returns only the rows' own keys; `shared_prefix_attention` adds the prefix."""
 
-    def __init__(self, parent: DynamicCache, src: list[int]):
+    def __init__(self, parent: DynamicCache, src: list[int], room: int = 0):
         super().__init__()
         if not all(type(layer) in (DynamicLayer, GrowingLayer) for layer in parent.layers):
             raise ValueError("a shared prefix needs full-attention cache layers")
         self.layers = [PrefixLayer(layer.keys, layer.values) for layer in parent.layers]
+        for layer in self.layers:
+            layer.room = room  # each row's own positions
         P, B = parent.layers[0].keys.shape[0], len(src)
         if not all(0 <= s < P for s in src):
             raise ValueError(f"branch rows name source rows outside 0..{P - 1}: {src}")
