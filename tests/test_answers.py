@@ -84,3 +84,15 @@ def test_option_tokens_and_scores(tok):
     assert score_options(lp) == 2 and lp[2] > lp[0]
     m = margins(lp)
     assert m[2] == pytest.approx(5.0) and m[0] == pytest.approx(-5.0)
+
+
+def test_parse_answer_memo_gives_what_a_fresh_parse_gives():
+    from latentmed.engine import answers as A
+
+    replies = ["<answer> B </answer>", "blue", "A. blue", "maybe B or D", "The answer is (C)."]
+    opts = ["red", "green", "blue", "white"]
+    fresh = [A._parse.__wrapped__(t, "answer_tag", tuple(opts)) for t in replies]
+    assert [A.parse_answer(t, "answer_tag", opts) for t in replies] == fresh
+    assert [A.parse_answer(t, "answer_tag", opts) for t in replies] == fresh  # again, from the memo
+    assert A.parse_answer("blue", "plain", None) == A._parse.__wrapped__("blue", "plain", None)
+    assert A.parse_answer("A. blue", "plain", ["blue", "red"]).index != A.parse_answer("A. blue", "plain", opts).index

@@ -148,6 +148,24 @@ def test_token_ids_follow_the_vocabulary(ckpt):
     assert tok.convert_tokens_to_ids("<|zz_new|>") in after
 
 
+def test_decoded_text_equals_the_tokenizers_and_follows_the_vocabulary(ckpt, monkeypatch):
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    tok = r.tokenizer
+    ids = tok.encode(" red blue", add_special_tokens=False) + [r.ids.start] + tok.encode(" green", add_special_tokens=False)
+    for skip in (True, False):
+        assert memo.decoded(tok, ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+    assert memo.decoded(tok, ids, True) != memo.decoded(tok, ids, False)  # the flag is part of the key
+    calls = []
+    real = type(tok).decode
+    monkeypatch.setattr(type(tok), "decode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    memo.decoded(tok, ids, True)
+    assert calls == []  # served from the memo
+    tok.add_tokens(["<|zz_other|>"], special_tokens=True)
+    new = tok.convert_tokens_to_ids("<|zz_other|>")
+    assert memo.decoded(tok, ids, True) == tok.decode(ids, skip_special_tokens=True) and calls  # memo restarted
+    assert memo.decoded(tok, [new], False) == "<|zz_other|>"
+
+
 def test_a_batch_walks_the_towers_weights_once_and_still_sees_an_edit_between_batches(ckpt, clean_memo,
                                                                                      monkeypatch):
     r = LatentReasoner.from_pretrained(ckpt, method="monet")

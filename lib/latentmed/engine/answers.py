@@ -9,6 +9,7 @@ A second, parse-free score is the argmax over the option tokens' log-probs (`sco
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -108,6 +109,12 @@ def answer_field(text: str, fmt: str) -> str | None:
 def parse_answer(text: str, fmt: str, options: list[str] | None = None) -> Parsed:
     """Option index from a reply: the answer field, read as a content word and as a letter; when
     both readings give an option and they disagree ("A. blue" where blue is C), it is unparsed."""
+    return _parse(text, fmt, None if options is None else tuple(options))
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(text: str, fmt: str, options: tuple[str, ...] | None) -> Parsed:
+    """`parse_answer`, memoised (a sweep's variants mostly write the same few replies)."""
     field_ = answer_field(text, fmt)
     if field_ is None and fmt in ("boxed", "answer_tag"):
         field_ = text  # fall back to the whole reply, as the official graders do

@@ -585,7 +585,8 @@ class Decoder:
             row.gen, row.segments, row.opt_lp, row.logits = list(old.gen), list(old.segments), \
                 self._option_rows(i, old), list(old.logits)
             row.opt_from, row.opt_n = None, 0
-            row.suffix, row.recorder = list(old.suffix), copy.deepcopy(old.recorder)
+            row.suffix = list(old.suffix)
+            row.recorder = copy.deepcopy(old.recorder) if old.recorder.found else Recorder()
             if old.generator is not None:
                 row.generator = torch.Generator()
                 row.generator.set_state(old.generator.get_state())

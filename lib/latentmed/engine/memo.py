@@ -145,18 +145,39 @@ def image_grid(processor, images, process) -> tuple[torch.Tensor, torch.Tensor |
 _TOKEN_MEMO_MAX = 200_000  # texts per tokenizer before its memo is dropped
 
 
-def token_ids(tokenizer, text: str) -> list[int]:
-    """`tokenizer.encode(text, add_special_tokens=False)`, kept on the tokenizer per text; the memo
-    starts afresh when the vocabulary grows (tokens added) or holds too many texts."""
-    memo = getattr(tokenizer, "_latentmed_ids", None)
+def _tokenizer_memo(tokenizer, attr: str) -> dict | None:
+    """A memo kept on the tokenizer under `attr`, started afresh when the vocabulary grows (tokens
+    added) or it holds too many entries; None for a tokenizer that takes no new attributes."""
+    memo = getattr(tokenizer, attr, None)
     size = len(tokenizer)
     if memo is None or memo[0] != size or len(memo[1]) > _TOKEN_MEMO_MAX:
         memo = (size, {})
         try:
-            tokenizer._latentmed_ids = memo
-        except AttributeError:  # a tokenizer that takes no new attributes encodes each time
-            return list(tokenizer.encode(text, add_special_tokens=False))
-    ids = memo[1].get(text)
+            setattr(tokenizer, attr, memo)
+        except AttributeError:
+            return None
+    return memo[1]
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens=False)`, kept on the tokenizer per text."""
+    memo = _tokenizer_memo(tokenizer, "_latentmed_ids")
+    if memo is None:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    ids = memo.get(text)
     if ids is None:
-        ids = memo[1][text] = tuple(tokenizer.encode(text, add_special_tokens=False))
+        ids = memo[text] = tuple(tokenizer.encode(text, add_special_tokens=False))
     return list(ids)
+
+
+def decoded(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
+    """`tokenizer.decode(ids, skip_special_tokens=...)`, kept on the tokenizer per id sequence
+    (a sweep's variants mostly write the same text: 3 decodes per trace cost 60 us each)."""
+    memo = _tokenizer_memo(tokenizer, "_latentmed_text")
+    if memo is None:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    key = (tuple(ids), skip_special_tokens)
+    text = memo.get(key)
+    if text is None:
+        text = memo[key] = tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return text

@@ -31,6 +31,7 @@ from ..files import (
     tensors_hash,
 )
 from .answers import LETTERS, margins, parse_answer, score_options
+from .memo import decoded
 
 SEG_TENSORS = ("z_in", "z_out")
 TRACE_TENSORS = ("step_option_logprobs",)
@@ -123,7 +124,7 @@ class Trace:
         options = getattr(enc, "options", None)
         opt_ids = kw.pop("option_ids", None)
         parsed = parse_answer(clean, spec.answer_format, options)
-        t = cls(spec.method, list(prompt), list(gen), tok.decode(gen, skip_special_tokens=False), clean,
+        t = cls(spec.method, list(prompt), list(gen), decoded(tok, gen, False), clean,
                 None, None, parsed.index, parsed.unparsed, segments, options, opt_ids, inputs=enc, **kw)
         if opt_ids and t.step_option_logprobs is not None and len(t.step_option_logprobs):
             t.answer_step = answer_at if answer_at is not None else answer_step(gen, segments, len(prompt), opt_ids)
@@ -222,9 +223,9 @@ def clean_text(tokenizer, prompt_len: int, gen: list[int], segments: list[Segmen
         if s.kind != "latent":
             continue
         a, b = s.start - prompt_len, s.last - prompt_len + 1
-        pieces += [tokenizer.decode(gen[cursor:a], skip_special_tokens=True), "<latent>"]
+        pieces += [decoded(tokenizer, gen[cursor:a], True), "<latent>"]
         cursor = b
-    pieces.append(tokenizer.decode(gen[cursor:], skip_special_tokens=True))
+    pieces.append(decoded(tokenizer, gen[cursor:], True))
     return "".join(pieces).strip()
 
 
