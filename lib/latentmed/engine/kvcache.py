@@ -144,9 +144,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
 
     q = query.reshape(B, Hkv, rep * L, D)  # query head kv * rep + j reads key head kv (transformers' repeat_kv)
     scores = torch.cat([ungrouped(grouped(q) @ pk.transpose(-1, -2)), q @ key.transpose(-1, -2)], -1)
-    scores = scores.view(B, Hkv, rep, L, Tp + t) * scaling
+    scores = scores.view(B, Hkv, rep, L, Tp + t).mul_(scaling)  # in place: `scores` is the fresh cat
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, None]
+        scores.add_(attention_mask[:, :, None])
     probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype).view(B, Hkv, rep * L, Tp + t)
     p_prefix, p_own = probs.split([Tp, t], -1)
     out = ungrouped(grouped(p_prefix) @ pv) + p_own @ value
