@@ -298,7 +298,6 @@ class Decoder:
         lsm = self._option_logprobs()
         filler = self.ids.eos[0] if self.ids.eos else 0
         next_ids, live = [filler] * B, []
-        self._feeds = []
         for r, row in enumerate(self.rows):
             if row.mode == "done":
                 continue
@@ -478,7 +477,8 @@ class Decoder:
         rows = [r for r, _, _ in self._feeds]
         z = self.h[torch.tensor(rows, device=self.h.device)]
         if self.r.head is not None:
-            on = [i for i, (_, row, c) in enumerate(self._feeds) if row.source is None and (c.k > 0 or self.spec.head_on_first)]
+            on = [i for i, (_, row, c) in enumerate(self._feeds)
+                  if row.source is None and (c.k > 0 or self.spec.head_on_first)]
             if on:
                 z[on] = self.r.head(z[on])
         for i, (_, row, c) in enumerate(self._feeds):
@@ -575,7 +575,8 @@ class Decoder:
         new.mask = self.mask[dev]
         new.pads = [self.pads[i] for i in src]
         new.image_feats = [self.image_feats[i] for i in src]
-        new.rows, new.encs, new._opt, new._opt_stacked = [], [self.encs[i] for i in src], {}, {}
+        new.rows, new.encs = [], [self.encs[i] for i in src]
+        new._opt, new._opt_stacked, new._feeds = {}, {}, []  # its own (copy.copy shares the source's)
         for i, ivs in zip(src, row_ivs):
             old = self.rows[i]
             row = copy.copy(old)

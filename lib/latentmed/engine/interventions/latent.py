@@ -99,8 +99,12 @@ class NoiseLatent(LatentFeed):
         _check_choice(self, "mode", ("add", "replace"))
         _check_int(self, "seed")
 
+    def direction(self, ctx: FeedContext, dim: int) -> torch.Tensor:
+        """The seeded unit direction at latent k of segment `ctx.segment` (do not write into it)."""
+        return _direction(self.seed * 1_000_003 + ctx.segment * 1009 + ctx.k, dim)
+
     def noise(self, z: torch.Tensor, ctx: FeedContext) -> torch.Tensor:
-        d = _direction(self.seed * 1_000_003 + ctx.segment * 1009 + ctx.k, z.shape[-1])
+        d = self.direction(ctx, z.shape[-1])
         return (d * self.scale * z.float().norm()).to(z.dtype).to(z.device)
 
     def apply(self, z, ctx):
@@ -113,8 +117,7 @@ class NoiseLatent(LatentFeed):
         on = [i for i, (iv, c) in enumerate(zip(ivs, ctxs)) if iv.steps is None or c.k in iv.steps]
         if not on:
             return z
-        d = torch.stack([_direction(ivs[i].seed * 1_000_003 + ctxs[i].segment * 1009 + ctxs[i].k, z.shape[-1])
-                         for i in on])
+        d = torch.stack([ivs[i].direction(ctxs[i], z.shape[-1]) for i in on])
         scale = torch.tensor([float(ivs[i].scale) for i in on])[:, None]
         x = z[on]
         n = (d * scale * x.float().norm(dim=-1, keepdim=True)).to(z.dtype).to(z.device)
