@@ -185,3 +185,44 @@ def test_a_batch_walks_the_towers_weights_once_and_still_sees_an_edit_between_ba
         f2, _ = r.image_features(again, [[]] * 4)
     assert clean_memo.misses == 8 and clean_memo.hits == 0
     assert all(torch.equal(b, _direct(r, p)) for b, p in zip(r.image_features(again, [[]] * 4)[1], again))
+
+
+def test_rope_index_memo_equals_transformers_for_every_layout(ckpt):
+    """Memoised M-RoPE positions equal transformers' get_rope_index on the whole batch: left
+    padding, rows with no image, two images in a row (grids taken in order), no mask; a repeated
+    layout is a memo hit, and a changed grid is not."""
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    model, img = r.model, r.ids.image
+    gen = torch.Generator().manual_seed(0)
+
+    def row(n_text, images, pad, T):
+        text = [int(x) for x in torch.randint(1, 40, (n_text,), generator=gen)]
+        ids = text[:2]
+        for k in images:  # k merged image tokens, then two text tokens
+            ids += [img] * k + text[:2]
+        ids += text[2:]
+        return [0] * pad + ids + [5] * (T - pad - len(ids))
+
+    grid_a, grid_b = [1, 4, 4], [1, 4, 8]  # 4 and 8 merged tokens (merge 2)
+    cases = [  # (rows, grids in order)
+        ([row(6, [4], 3, 20), row(9, [4], 0, 20), row(11, [], 1, 20)], [grid_a, grid_a]),
+        ([row(5, [4, 8], 2, 24), row(7, [8], 0, 24)], [grid_a, grid_b, grid_b]),
+    ]
+    model._latentmed_rope = {}
+    for rows, grids in cases:
+        ids = torch.tensor(rows)
+        pads = [next(i for i, t in enumerate(x) if t != 0) for x in rows]
+        mask = (torch.arange(ids.shape[1])[None] >= torch.tensor(pads)[:, None]).long()
+        grid = torch.tensor(grids)
+        is_image = ids == img
+        for m in (mask, None):
+            want, _ = model.model.get_rope_index(ids, is_image.int(), image_grid_thw=grid, attention_mask=m)
+            assert torch.equal(memo.rope_index(model, ids, is_image, grid, m), want)
+    n = len(model._latentmed_rope)
+    ids = torch.tensor([row(6, [4], 0, 12)])
+    memo.rope_index(model, ids, ids == img, torch.tensor([grid_a]), None)
+    memo.rope_index(model, ids, ids == img, torch.tensor([grid_a]), None)
+    assert len(model._latentmed_rope) == n + 1  # computed once
+    other = memo.rope_index(model, ids, ids == img, torch.tensor([[1, 2, 8]]), None)  # same tokens, another grid
+    want, _ = model.model.get_rope_index(ids, (ids == img).int(), image_grid_thw=torch.tensor([[1, 2, 8]]))
+    assert len(model._latentmed_rope) == n + 2 and torch.equal(other, want)

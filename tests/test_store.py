@@ -118,3 +118,41 @@ def test_appends_read_the_rows_file_once_per_opened_run(tmp_path, monkeypatch):
         again.add(rows([f"x{i}"], cond="c"))
     assert reads.count("rows.jsonl") <= 1
     assert [r["item"] for r in ResultsStore(tmp_path).run("m", "h", {}).rows()] == ["a"] + [f"x{i}" for i in range(30)]
+
+
+def test_long_float_lists_are_packed_and_read_back_as_written(tmp_path):
+    """An intervention's vectors (lists of floats) are written as packed arrays, exactly: float32
+    when every value is one, float64 otherwise; NaN kept; short lists, ints and mixed lists stay
+    JSON. The rows read back equal the rows added, and the file is smaller than plain JSON."""
+    import math
+
+    z = torch.randn(10, 128)
+    odd = [0.1 * i for i in range(100)]  # not float32 values: kept as float64
+    big = [dict(item="a", condition="swap", interventions=[dict(kind="SwapLatent", source=z.tolist())],
+                logprobs=[-0.1, -2.5]),
+           dict(item="b", condition="mean", interventions=[dict(kind="MeanLatent", vector=odd + [math.nan])]),
+           dict(item="c", condition="ids", ids=list(range(200)), mixed=[1.0] * 99 + [1], ragged=[[1.0] * 70, [2.0]])]
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    run.add(big)
+    back = ResultsStore(tmp_path).run("m", "h", {}).rows()
+    assert back[0] == big[0] and back[2] == big[2]
+    assert back[1]["interventions"][0]["vector"][:100] == odd and math.isnan(back[1]["interventions"][0]["vector"][100])
+    assert type(back[2]["ids"][0]) is int and type(back[2]["mixed"][-1]) is int
+    lines = run.path.read_text().splitlines()
+    assert '"array":"f4","shape":[10,128]' in lines[0] and '"array":"f8"' in lines[1]
+    raw = json.loads(lines[2])
+    assert '"logprobs":[-0.1,-2.5]' in lines[0] and raw["ids"] == big[2]["ids"] and raw["mixed"] == big[2]["mixed"]
+    assert raw["ragged"][1] == [2.0] and "b64" in raw["ragged"][0]  # a ragged list: its long rows packed
+    assert len(lines[0]) < len(json.dumps(big[0])) / 2
+    from latentmed.real.evaluate import read_rows
+    assert read_rows(run)[0] == big[0]  # the real track's reader unpacks too
+
+
+def test_old_rows_files_with_plain_lists_still_read(tmp_path):
+    run = ResultsStore(tmp_path).run("m", "h", {})
+    row = dict(item="a", condition="swap", interventions=[dict(kind="SwapLatent", source=[[0.5] * 128])])
+    run.path.write_text(json.dumps(row) + "\n")
+    assert run.rows() == [row]
+    run.path.write_text(json.dumps(dict(row, interventions=[{"array": "f2", "shape": [1], "b64": "AAA="}])) + "\n")
+    with pytest.raises(DamagedFileError, match="rows.jsonl line 1.*packed array type"):
+        run.rows()

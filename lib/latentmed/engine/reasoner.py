@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .memo import token_ids, tower, weights_key
+from .memo import rope_index, token_ids, tower, weights_key
 from .answers import option_token_ids as first_token_ids
 from .checkpoint import load
 from .decode import DecodeConfig, generate
@@ -139,7 +139,7 @@ class LatentReasoner:
         for r, t, v in overrides:
             emb[r, t] = v.to(emb.dtype)
         mask = None if mask is None else mask.to(self.device)
-        pos, _ = self.model.model.get_rope_index(ids, is_image.int(), image_grid_thw=grid, attention_mask=mask)
+        pos = rope_index(self.model, ids, is_image, grid, mask)  # transformers' get_rope_index, memoised
         attn = attn4d.to(self.device) if attn4d is not None else mask
         out = self.model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=attn, cache=cache,
                                               use_cache=cache is not None)

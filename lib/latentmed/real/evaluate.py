@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..engine.decode import DecodeConfig
 from ..files import atomic_write_json, set_threads, settings_hash
-from ..store import ROWS, ResultsStore, Run
+from ..store import ROWS, ResultsStore, Run, parse_row
 from .benchmarks import LETTERS, Example, data_file, load_benchmark
 from .harness import HARNESSES, extract
 from .preprocess import check_grid
@@ -97,8 +97,8 @@ def read_rows(run: Run) -> list[dict]:
     out = []
     for line in path.read_bytes().split(b"\n")[:-1]:  # the part after the last newline is unfinished
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            out.append(parse_row(line))
+        except ValueError:  # a line being written (json's decode errors are ValueErrors)
             continue
     return out
 
