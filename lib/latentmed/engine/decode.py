@@ -144,6 +144,7 @@ class _Row:
     recorder: Recorder = field(default_factory=Recorder)
     want_logits: bool = False  # a Record of "unembed.hook_logits"
     source: torch.Tensor | None = None  # [n, H] vectors of a non-hidden latent source
+    image: torch.Tensor | None = None  # True at the prompt's image tokens, zeros after (`Decoder._image_mask`)
 
     @property
     def seq_pos(self) -> int:
@@ -236,8 +237,8 @@ class Decoder:
         full = torch.zeros(B, T, T, dtype=torch.bool)
         for r, row in enumerate(self.rows):
             p = self.pads[r]
-            seq = torch.tensor(row.prompt + row.gen)
-            ok = allowed(range(len(seq)), len(seq), self._image_mask(row), row.segments, row.rules)
+            n = row.seq_pos
+            ok = allowed(range(n), n, self._image_mask(row), row.segments, row.rules)
             full[r, p:, p:] = ok
             full[r, :p, :p] = torch.eye(p, dtype=torch.bool)  # padding rows attend to themselves
         return additive(full, self.r.dtype)[:, None].to(self.r.device)
@@ -250,18 +251,20 @@ class Decoder:
         for r, row in enumerate(self.rows):
             if not row.rules or row.mode == "done":
                 continue
-            q = row.seq_pos - 1  # the position being fed now
-            seq = torch.tensor(row.prompt + row.gen)
+            n = row.seq_pos
             segs = row.segments + ([row.seg] if row.seg is not None else [])
-            keys = allowed([q], len(seq), self._image_mask(row), segs, row.rules)[0]
-            ok[r, self.pads[r]:self.pads[r] + len(seq)] &= keys
+            keys = allowed([n - 1], n, self._image_mask(row), segs, row.rules)[0]  # the position fed now
+            ok[r, self.pads[r]:self.pads[r] + n] &= keys
         return additive(ok, self.r.dtype)[:, None, None].to(self.r.device)
 
     def _image_mask(self, row: _Row) -> torch.Tensor:
-        """[seq_len] True at the prompt's image tokens (generated ids are always text)."""
-        m = torch.zeros(row.seq_pos, dtype=torch.bool)
-        m[:len(row.prompt)] = torch.tensor(row.prompt) == self.ids.image
-        return m
+        """[>= seq_len] True at the prompt's image tokens (generated ids are always text); built
+        once per row with room for the decode (a rule's mask is built at every step)."""
+        if row.image is None or len(row.image) < row.seq_pos:
+            m = torch.zeros(row.seq_pos + self.cfg.max_new_tokens, dtype=torch.bool)
+            m[:len(row.prompt)] = torch.tensor(row.prompt) == self.ids.image
+            row.image = m
+        return row.image
 
     def _hooks(self, cursor: Cursor):
         return installed(self.r.model, [by_point(row.ivs, "hook") for row in self.rows],

@@ -59,12 +59,14 @@ def shared_sweep(reasoner, inputs, variants, config: DecodeConfig | None = None,
 
 
 def sweep_many(reasoner, prompts: list, per_prompt: list[list], config: DecodeConfig | None = None,
-               batch_size: int = 16, **kw) -> list[list[Trace]]:
+               batch_size: int = 16, alone_batch: int = 64, **kw) -> list[list[Trace]]:
     """Shared work across instances too: `per_prompt[i]` is the list of variants of prompt i.
 
     With the segment forced (every row branches right after the prompt), the prompts are
     prefilled `batch_size` at a time and every (prompt, variant) row that can share the prefix
-    is decoded as one batch from there; the others get their own prefills, batched together.
+    is decoded as one batch from there; the others get their own prefills, `alone_batch` rows
+    at a time (a decode step's fixed cost shared by more rows: chapter 3's input edits ran 12%
+    faster at 64 than at 16, with bit-identical traces).
     Without `force_latent` each prompt is swept on its own (`shared_sweep`). Returns, per
     prompt, its traces in the order of its variants."""
     cfg = config_of(config, kw)
@@ -85,8 +87,8 @@ def sweep_many(reasoner, prompts: list, per_prompt: list[list], config: DecodeCo
                 traces = dec.branch([variants[i][j] for i, j in shared], src=[row_of[i] for i, _ in shared]).run()
             for (i, j), t in zip(shared, traces):
                 out[i][j] = t
-        for s2 in range(0, len(alone), batch_size):
-            part = alone[s2:s2 + batch_size]
+        for s2 in range(0, len(alone), alone_batch):
+            part = alone[s2:s2 + alone_batch]
             traces = generate(reasoner, [prompts[i] for i, _ in part], [variants[i][j] for i, j in part], cfg)
             for (i, j), t in zip(part, traces):
                 out[i][j] = t
