@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 
+# the tower's disk memo (engine.memo.DiskMemo) would write under the repository's results/ and
+# carry outputs from one test into another: off, except in the tests that set it up
+os.environ.setdefault("LATENTMED_TOWER_CACHE_MB", "0")
+
 from latentmed.paths import pin_cpu_kernels
 
 pin_cpu_kernels()  # before torch computes: the nbval kernels inherit it (paths.REPRODUCIBLE_CPU)

@@ -226,3 +226,77 @@ def test_rope_index_memo_equals_transformers_for_every_layout(ckpt):
     other = memo.rope_index(model, ids, ids == img, torch.tensor([[1, 2, 8]]), None)  # same tokens, another grid
     want, _ = model.model.get_rope_index(ids, (ids == img).int(), image_grid_thw=torch.tensor([[1, 2, 8]]))
     assert len(model._latentmed_rope) == n + 2 and torch.equal(other, want)
+
+
+@pytest.fixture
+def disk(clean_memo, monkeypatch, tmp_path):
+    monkeypatch.setenv("LATENTMED_RESULTS", str(tmp_path / "results"))
+    d = memo.DiskMemo(64 * 2**20)
+    monkeypatch.setattr(memo, "DISK", d)
+    return d
+
+
+def _counting(r, monkeypatch) -> list:
+    calls = []
+    real = r.model.model.get_image_features
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(r.model.model, "get_image_features", counted)
+    return calls
+
+
+def test_a_later_process_reads_the_tower_output_from_disk(ckpt, disk, clean_memo, monkeypatch):
+    """Another process (the in-memory memo empty) gets the tower's output from the disk memo,
+    bit for bit, without running the tower; a file cut by a kill is computed again."""
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    calls = _counting(r, monkeypatch)
+    with torch.inference_mode():
+        first, _ = r.image_features([r.prompt(_query(3))], [[]])
+        files = list(memo.DiskMemo.folder().glob("*.safetensors"))
+        assert len(calls) == 1 and len(files) == 1 and disk.added > 0
+        clean_memo.clear()  # a new process: nothing in memory
+        again, _ = r.image_features([r.prompt(_query(3))], [[]])
+        assert len(calls) == 1 and disk.hits == 1 and torch.equal(again, first)
+        assert torch.equal(first, _direct(r, r.prompt(_query(3))))  # the tower itself (counted)
+        assert len(calls) == 2
+        files[0].write_bytes(files[0].read_bytes()[:30])  # cut by a kill
+        clean_memo.clear()
+        third, _ = r.image_features([r.prompt(_query(3))], [[]])
+        assert len(calls) == 3 and torch.equal(third, first)
+        clean_memo.clear()
+        r.image_features([r.prompt(_query(3))], [[]])
+        assert len(calls) == 3  # rewritten whole
+    assert not list(memo.DiskMemo.folder().glob(".*.tmp"))
+
+
+def test_the_disk_memo_keys_on_what_decides_the_bits(ckpt, disk, clean_memo, monkeypatch):
+    """Another thread count, CPU kernel setting or tower weights is another file; the bound 0
+    writes nothing."""
+    r = LatentReasoner.from_pretrained(ckpt, method="monet")
+    with torch.inference_mode():
+        r.image_features([r.prompt(_query(4))], [[]])
+        names = {p.name for p in memo.DiskMemo.folder().glob("*.safetensors")}
+        monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+        clean_memo.clear()
+        r.image_features([r.prompt(_query(4))], [[]])
+        monkeypatch.delenv("MKL_CBWR")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            clean_memo.clear()
+            r.image_features([r.prompt(_query(4))], [[]])
+        finally:
+            torch.set_num_threads(threads)
+        next(r.model.model.visual.parameters()).add_(1e-3)  # other weights
+        clean_memo.clear()
+        r.image_features([r.prompt(_query(4))], [[]])
+    assert len(list(memo.DiskMemo.folder().glob("*.safetensors"))) == len(names) + 3
+    off = memo.DiskMemo(0)
+    monkeypatch.setattr(memo, "DISK", off)
+    clean_memo.clear()
+    with torch.inference_mode():
+        r.image_features([r.prompt(_query(5))], [[]])
+    assert off.added == 0 and len(list(memo.DiskMemo.folder().glob("*.safetensors"))) == len(names) + 3

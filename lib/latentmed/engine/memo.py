@@ -7,7 +7,8 @@ the key is a digest of the tower's weights (recomputed when a weight is changed 
 digest of the image bytes with the image processor's settings (`image_key`). A hit returns the
 tensor the tower computed for that key, so results are the same with the memo as without it.
 Bounded by bytes, least recently used first out; `LATENTMED_FEATURE_MEMO_MB` sets the bound
-(0 turns the memo off).
+(0 turns the memo off). Behind it, `DiskMemo` keeps the same outputs on disk for the other
+processes of a build (the chapters).
 
 Two small memos sit beside it, both exact: the grid an image processor gives an image of a size
 (`image_grid`, so a prompt whose tower output is memoised never runs the processor), and the ids a
@@ -122,9 +123,72 @@ def tower(model, pixel_values, grid: torch.Tensor, key: str | None, compute, wei
     hit = MEMO.get(full)
     if hit is not None:
         return hit
-    out = compute(pixels(), grid)
+    out = DISK.get(full)
+    if out is None:
+        out = compute(pixels(), grid)
+        DISK.put(full, out)
     MEMO.put(full, out)
     return out
+
+
+class DiskMemo:
+    """The tower memo across processes: one safetensors file per key under
+    `<results>/cache/tower`, for the CPU. The book's chapters run in separate processes over the
+    same items and perturbed images (chapters 3, 6 and 10 perturb the same images; every chapter
+    encodes the 400 clean ones): each (tower, image) is computed once per build. The key adds what
+    else decides the output's bits (torch's version, the CPU kernel settings, the thread count); a
+    file that does not load is computed again. `LATENTMED_TOWER_CACHE_MB` bounds what a process
+    adds (0 turns it off)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.added = self.hits = self.misses = 0
+
+    @staticmethod
+    def folder():
+        from ..paths import results_dir
+
+        return results_dir() / "cache" / "tower"
+
+    @staticmethod
+    def _name(key: tuple) -> str:
+        context = (torch.__version__, torch.get_num_threads(),
+                   *(os.environ.get(k, "") for k in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")))
+        return hashlib.sha1(repr((key, context)).encode()).hexdigest() + ".safetensors"
+
+    def _on(self, key: tuple) -> bool:
+        return self.max_bytes > 0 and key[3] == "cpu" and not key[0].startswith("id-")  # a digest of the weights
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        if not self._on(key):
+            return None
+        path = self.folder() / self._name(key)
+        try:
+            from safetensors.torch import load_file
+
+            out = load_file(str(path))["tokens"]
+        except Exception:  # absent, or cut by a kill: computed again  # noqa: BLE001
+            self.misses += 1
+            return None
+        self.hits += 1
+        return out
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if not self._on(key) or self.added + size > self.max_bytes:
+            return
+        from safetensors.torch import save_file
+
+        folder = self.folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self._name(key)
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # several chapters may write one key at once
+        save_file({"tokens": value.detach().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        self.added += size
+
+
+DISK = DiskMemo(int(float(os.environ.get("LATENTMED_TOWER_CACHE_MB", "1024")) * 2**20))
 
 
 _GRIDS: dict = {}  # (processor settings, image sizes) -> image_grid_thw
