@@ -1,6 +1,8 @@
 """Tokenizer, tiny model factory, input builder and paths: the pieces every other part uses."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +125,16 @@ def test_paths_follow_environment_and_unwritable_folders_are_named(tmp_path, mon
     blocker.write_text("x")
     with pytest.raises(OSError, match=str(blocker)):
         paths.ensure_writable(blocker / "sub")
+
+
+def test_importing_latentmed_keeps_jsonschema_from_building_the_iri_grammar():
+    """latentmed marks rfc3987_syntax absent (its import builds a Lark grammar: 3 s in every
+    chapter process); nbformat still validates a notebook and altair still validates a chart."""
+    code = ("import sys, latentmed, nbformat, altair as alt, pandas as pd\n"
+            "assert sys.modules['rfc3987_syntax'] is None\n"
+            "nb = nbformat.read('notebooks/01_testbed.ipynb', as_version=4)\n"
+            "nbformat.validate(nb)\n"
+            "alt.Chart(pd.DataFrame({'x': [1, 2]})).mark_point().encode(x='x:Q').to_dict(validate=True)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=paths.ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

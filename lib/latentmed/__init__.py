@@ -6,6 +6,7 @@ statistics. Modules are named after what they do; start with `testbed` and `deco
 """
 
 import os
+import sys
 import warnings
 
 # Busy-waiting OpenMP threads make a shared 2-core machine crawl (measured: a tower forward of
@@ -15,5 +16,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # tqdm.auto (imported by transformers) warns in a Jupyter kernel without ipywidgets; the
 # chapters show no progress bars, and the warning would print the environment's path.
 warnings.filterwarnings("ignore", message="IProgress not found")
+
+# jsonschema (imported by nbformat, which runs every chapter, and by altair, which draws its plots)
+# imports rfc3987_syntax when it is installed (Jupyter pulls it in) for its "iri" string formats, and
+# that module builds a Lark grammar at import: 3.1 s in every chapter's job and again in its kernel.
+# Nothing here validates IRIs; marked absent, jsonschema skips those two formats (its own fallback).
+sys.modules.setdefault("rfc3987_syntax", None)
 
 __version__ = "0.1.0"
