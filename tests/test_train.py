@@ -319,3 +319,30 @@ def test_the_learning_rate_follows_warmup_stable_cosine_decay():
     for step in (60, 75, 90, 99):  # cosine from lr down to 5 % of it over the last 40 steps
         frac = (step + 1 - 60) / 40
         assert loop.lr_at(c, step) == pytest.approx(2.0 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
+
+
+def test_predict_continues_its_own_segment_loop_with_the_numbers_of_a_fresh_forward(tok, bank, monkeypatch):
+    """When every row ran the whole segment, the evaluation runs only the positions after it on
+    its probe's cache: every logit it reads equals (bit for bit) a fresh teacher-forced forward's."""
+    from dataclasses import replace
+
+    from latentmed.zoo.forward import forward
+
+    model = fresh(tok)
+    real_logits, real_after = predict.logits_at, predict.after_segment
+    for name in ["lvr-style", "lvr-closed", "monet-style"]:
+        spec = SPECS[name]
+        plan = batching.Plan(spec, n_latents=spec.n_latents, latent_fill="hidden")
+        runs = {}
+        for mode in ("continued", "fresh"):
+            seen, used = [], []
+            monkeypatch.setattr(predict, "logits_at", lambda m, h, p, seen=seen: seen.append(real_logits(m, h, p)) or seen[-1])
+            if mode == "continued":
+                monkeypatch.setattr(predict, "after_segment", lambda *a, used=used: used.append(1) or real_after(*a))
+            else:  # the whole forward again on the same batch (what evaluation did before)
+                monkeypatch.setattr(predict, "after_segment", lambda model, batch, *a, used=used: used.append(1) or
+                                    forward(model, batch, replace(plan, n_latents=batch.n_latents)))
+            runs[mode] = (predict.predict(model, tok, bank, plan), seen, len(used))
+        (rc, lc, nc), (rf, lf, nf) = runs["continued"], runs["fresh"]
+        assert nc > 0 and nc == nf, name  # the shortcut was taken
+        assert rc == rf and len(lc) == len(lf) and all(torch.equal(a, b) for a, b in zip(lc, lf)), name

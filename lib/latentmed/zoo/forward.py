@@ -46,6 +46,13 @@ def segment_mask(batch: Batch, rules, dtype: torch.dtype) -> torch.Tensor:
     return additive(ok, dtype)[:, None]
 
 
+def bottleneck_mask(batch: Batch, plan: Plan, dtype: torch.dtype, bottleneck: bool | None = None):
+    """`segment_mask` of the plan's spec rules (or of the bottleneck closed / open), None without rules."""
+    rules = SPEC_RULES[plan.spec.after_segment] if bottleneck is None else \
+        SPEC_RULES["segment" if bottleneck else "all"]
+    return segment_mask(batch, rules, dtype) if rules and batch.seg_end >= 0 else None
+
+
 def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, need_attn: bool = False,
             bottleneck: bool | None = None) -> Out:
     """Teacher-forced forward; latent slots are filled from `fill` or by the fed-back loop.
@@ -55,9 +62,7 @@ def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, n
     pos, am = batch.position_ids, batch.attention_mask
     K, s0 = batch.n_latents, batch.slot_start
     kw = dict(output_attentions=True) if need_attn else {}
-    rules = SPEC_RULES[plan.spec.after_segment] if bottleneck is None else \
-        SPEC_RULES["segment" if bottleneck else "all"]
-    mask4 = segment_mask(batch, rules, emb.dtype) if rules and batch.seg_end >= 0 else None
+    mask4 = bottleneck_mask(batch, plan, emb.dtype, bottleneck)
     if K == 0 or plan.latent_fill != "hidden":
         z = None
         if K > 0:
@@ -82,12 +87,22 @@ def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, n
             parts.append((s0 + k, o.attentions))
         h = o.last_hidden_state
         hs.append(h)
+    return after_segment(model, batch, emb, cache, hs, zs, mask4, attn, parts, kw)
+
+
+def after_segment(model, batch: Batch, emb: torch.Tensor, cache, hs: list, zs: list, mask4=None, attn=None,
+                  parts=(), kw=None) -> Out:
+    """The positions after a fed-back segment, on the `cache` of the prefix and the segment's K
+    steps (`hs`: their hidden states, `zs`: the vectors fed): the end of `forward`, also run by
+    the evaluation on the cache of its own segment loop (the same calls, so the same numbers)."""
+    kw, parts = kw or {}, list(parts)
+    K, s0, am = batch.n_latents, batch.slot_start, batch.attention_mask
     if emb.shape[1] > s0 + K:
         rest = am if mask4 is None else mask4[:, :, s0 + K:]
-        o = lm(inputs_embeds=emb[:, s0 + K:], position_ids=pos[:, :, s0 + K:], attention_mask=rest, cache=cache,
-               use_cache=True, **kw)
-        hs.append(o.last_hidden_state)
-        if need_attn:
+        o = model.model.language_model(inputs_embeds=emb[:, s0 + K:], position_ids=batch.position_ids[:, :, s0 + K:],
+                                       attention_mask=rest, cache=cache, use_cache=True, **kw)
+        hs = [*hs, o.last_hidden_state]
+        if kw.get("output_attentions"):
             parts.append((s0 + K, o.attentions))
     return Out(torch.cat(hs, dim=1), torch.cat(zs, dim=1), attn, parts)
 

@@ -17,7 +17,7 @@ from ..engine import layouts
 from ..testbed.items import FAMILIES
 from .bank import FILL_OF_SOURCE, FeatureBank, fill_for
 from .batching import Plan, bind_rope, collate
-from .forward import embed, forward, logits_at
+from .forward import after_segment, bottleneck_mask, embed, forward, logits_at
 
 
 @torch.no_grad()
@@ -92,6 +92,7 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
     out = lm(inputs_embeds=emb[:, :s0], position_ids=probe.position_ids[:, :, :s0],
              attention_mask=probe.attention_mask[:, :s0], cache=cache, use_cache=True)
     trig = model.lm_head(out.last_hidden_state[:, -2]).argmax(-1) == start_id
+    hs, zs = [out.last_hidden_state], []
     h = out.last_hidden_state[:, -1:]
     ks = torch.full((len(idx),), cap, dtype=torch.long)
     done = torch.zeros(len(idx), dtype=torch.bool)
@@ -103,9 +104,11 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
         done |= stop
         if done.all():
             break
+        zs.append(h)
         o = lm(inputs_embeds=h, position_ids=probe.position_ids[:, :, s0 + k:s0 + k + 1],
                attention_mask=probe.attention_mask[:, :s0 + k + 1], cache=cache, use_cache=True)
         h = o.last_hidden_state
+        hs.append(h)
     records = [None] * len(idx)
     for k in sorted(set(ks.tolist())):
         rows = [j for j in range(len(idx)) if ks[j] == k]
@@ -115,8 +118,14 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
             out = forward(model, batch, replace(plan, n_latents=0))
             z_ok = torch.ones(len(rows), dtype=torch.bool)
         else:
-            batch = collate(tok, bank, sub, replace(plan, n_latents=k))
-            out = forward(model, batch, replace(plan, n_latents=k))
+            kplan = replace(plan, n_latents=k)
+            if k == cap and len(rows) == len(idx):  # every row ran the whole segment: the probe is
+                # forward's own prefix and loop on this very batch, so only the rest is run
+                out = after_segment(model, probe, emb, cache, hs, zs, bottleneck_mask(probe, kplan, emb.dtype))
+                batch = probe
+            else:
+                batch = collate(tok, bank, sub, kplan)
+                out = forward(model, batch, kplan)
             z_ok = torch.isfinite(out.z_in).flatten(1).all(1)
         logits = logits_at(model, out.hidden, batch.answer_pos)
         opts = logits.gather(1, batch.option_ids)
