@@ -238,8 +238,7 @@ class Decoder:
         for r, row in enumerate(self.rows):
             p = self.pads[r]
             n = row.seq_pos
-            ok = allowed(range(n), n, self._image_mask(row), row.segments, row.rules)
-            full[r, p:, p:] = ok
+            full[r, p:, p:] = allowed(range(n), n, self._image_mask(row), row.segments, row.rules)
             full[r, :p, :p] = torch.eye(p, dtype=torch.bool)  # padding rows attend to themselves
         return additive(full, self.r.dtype)[:, None].to(self.r.device)
 
@@ -251,8 +250,7 @@ class Decoder:
         for r, row in enumerate(self.rows):
             if not row.rules or row.mode == "done":
                 continue
-            n = row.seq_pos
-            segs = row.segments + ([row.seg] if row.seg is not None else [])
+            n, segs = row.seq_pos, row.segments + ([row.seg] if row.seg is not None else [])
             keys = allowed([n - 1], n, self._image_mask(row), segs, row.rules)[0]  # the position fed now
             ok[r, self.pads[r]:self.pads[r] + n] &= keys
         return additive(ok, self.r.dtype)[:, None, None].to(self.r.device)
