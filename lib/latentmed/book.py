@@ -271,7 +271,19 @@ def build_html(force: bool = False) -> Path:
         cmd.append("--all")
     print("[book] building HTML")
     subprocess.run(cmd, check=True, cwd=ROOT)
-    return ROOT / "_build" / "html" / "index.html"
+    return redirect_icon(ROOT / "_build" / "html")
+
+
+def redirect_icon(html: Path) -> Path:
+    """jupyter-book's root index.html, a redirect to the first page, has no icon link: a browser
+    asks for /favicon.ico there (a 404 in its console, which the browser test caught when the
+    redirect was slow under load). Give it the book's icon; returns the page."""
+    index = Path(html) / "index.html"
+    if index.exists() and (Path(html) / "_static" / "favicon.svg").exists():
+        text = index.read_text()
+        if 'rel="icon"' not in text:
+            atomic_write_text(index, '<link rel="icon" href="_static/favicon.svg" />\n' + text)
+    return index
 
 
 # ---------------------------------------------------------------- cross-references and contents
@@ -426,4 +438,4 @@ def build_html_at(src: Path, out: Path) -> Path:
     res = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"jupyter-book build of {src} failed ({res.returncode}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
-    return Path(out) / "_build" / "html" / "index.html"
+    return redirect_icon(Path(out) / "_build" / "html")
