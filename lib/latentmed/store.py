@@ -76,7 +76,7 @@ class Run:
             for n, line in enumerate(f, 1):
                 try:
                     out.append(parse_row(line))
-                except (json.JSONDecodeError, ValueError) as exc:
+                except ValueError as exc:  # json's decode errors and a bad packed array
                     raise DamagedFileError(f"{self.path} line {n}: not a JSON row ({exc})") from exc
         return out
 

@@ -157,7 +157,9 @@ class DiskMemo:
         return hashlib.sha1(repr((key, context)).encode()).hexdigest() + ".safetensors"
 
     def _on(self, key: tuple) -> bool:
-        return self.max_bytes > 0 and key[3] == "cpu" and not key[0].startswith("id-")  # a digest of the weights
+        """Kept for CPU outputs of a tower keyed by a digest of its weights (not by its identity)."""
+        weights, _, _, device, _ = key  # `tower`'s key
+        return self.max_bytes > 0 and device == "cpu" and not weights.startswith("id-")
 
     def get(self, key: tuple) -> torch.Tensor | None:
         if not self._on(key):
@@ -273,16 +275,14 @@ def rope_index(model, ids: torch.Tensor, is_image: torch.Tensor, grid: torch.Ten
         t = types[b] if keep is None else types[b][keep[b]]
         n_images = int(((t[1:] == 1) & (t[:-1] == 0)).sum() + (t[:1] == 1).sum()) if len(t) else 0
         key = (t.tobytes(), tuple(grid_rows[g:g + n_images]))
+        cols = slice(None) if keep is None else torch.as_tensor(keep[b], device=ids.device)  # unmasked columns
         value = memo.get(key)
         if value is None:
             one = None if keep is None else mask[b:b + 1]
             rows = None if grids is None or not n_images else grids[g:g + n_images].to(ids.device)
             full, _ = model.model.get_rope_index(ids[b:b + 1], is_image[b:b + 1].int(), image_grid_thw=rows,
                                                  attention_mask=one)
-            value = memo[key] = full[:, 0] if keep is None else full[:, 0, torch.as_tensor(keep[b], device=ids.device)]
-        if keep is None:
-            pos[:, b] = value
-        else:
-            pos[:, b, torch.as_tensor(keep[b], device=ids.device)] = value
+            value = memo[key] = full[:, 0, cols]
+        pos[:, b, cols] = value
         g += n_images
     return pos
