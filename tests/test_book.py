@@ -158,15 +158,12 @@ def test_cpu_kernels_are_pinned_for_the_ci_copies_and_a_set_value_is_kept(monkey
     assert os.environ["MKL_CBWR"] == "COMPATIBLE" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
-def test_the_root_redirect_page_gets_the_books_icon(tmp_path):
+def test_the_root_redirect_page_gets_an_icon_that_asks_for_nothing(tmp_path):
     """jupyter-book's index.html redirect has no icon link (a browser then asks for /favicon.ico,
-    a 404): the build adds the book's, once, and leaves a folder without the icon alone."""
-    (tmp_path / "_static").mkdir()
+    racing the redirect): the build adds an inline empty icon, once."""
     (tmp_path / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=book/intro.html" />\n')
     assert book.redirect_icon(tmp_path) == tmp_path / "index.html"
-    assert 'rel="icon"' not in (tmp_path / "index.html").read_text()  # no icon in the build: nothing to link
-    (tmp_path / "_static" / "favicon.svg").write_text("<svg/>")
-    book.redirect_icon(tmp_path)
     book.redirect_icon(tmp_path)
     text = (tmp_path / "index.html").read_text()
-    assert text.count('rel="icon"') == 1 and 'url=book/intro.html' in text
+    assert text.count('rel="icon"') == 1 and book.REDIRECT_ICON in text and 'url=book/intro.html' in text
+    assert book.redirect_icon(tmp_path / "absent") == tmp_path / "absent" / "index.html"  # no page: nothing written

@@ -276,14 +276,18 @@ def build_html(force: bool = False) -> Path:
 
 def redirect_icon(html: Path) -> Path:
     """jupyter-book's root index.html, a redirect to the first page, has no icon link: a browser
-    asks for /favicon.ico there (a 404 in its console, which the browser test caught when the
-    redirect was slow under load). Give it the book's icon; returns the page."""
+    asks for /favicon.ico there, racing the redirect (a 404 in its console under load; a link to
+    the book's icon was then aborted by the redirect instead). An empty inline icon asks for
+    nothing; returns the page."""
     index = Path(html) / "index.html"
-    if index.exists() and (Path(html) / "_static" / "favicon.svg").exists():
+    if index.exists():
         text = index.read_text()
         if 'rel="icon"' not in text:
-            atomic_write_text(index, '<link rel="icon" href="_static/favicon.svg" />\n' + text)
+            atomic_write_text(index, f'{REDIRECT_ICON}\n{text}')
     return index
+
+
+REDIRECT_ICON = '<link rel="icon" href="data:," />'  # an icon without a request
 
 
 # ---------------------------------------------------------------- cross-references and contents
