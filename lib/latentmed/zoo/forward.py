@@ -71,40 +71,58 @@ def forward(model, batch: Batch, plan: Plan, fill: torch.Tensor | None = None, n
         out = lm(inputs_embeds=emb, position_ids=pos, attention_mask=am if mask4 is None else mask4, **kw)
         att = out.attentions if need_attn else None
         return Out(out.last_hidden_state, z, att, [(0, att)] if need_attn else [])
+    return after_segment(model, batch, emb, latent_loop(lm, emb, batch, K, kw), mask4, kw)
+
+
+@dataclass
+class Loop:
+    """The prefix and the fed-back steps of `latent_loop`: the cache after them, the hidden
+    states (the prefix's [B, s0, H], then one [B, 1, H] per step), the vectors fed, attentions."""
+    cache: DynamicCache
+    hs: list
+    zs: list
+    attn: tuple | None = None
+    parts: list = field(default_factory=list)
+
+
+def latent_loop(lm, emb: torch.Tensor, batch: Batch, K: int, kw: dict, stop=None) -> Loop:
+    """The prompt up to the first slot, then up to K steps that feed the last hidden state back
+    as the next input. `stop(k, h) -> bool`, asked before step k with the last hidden state
+    [B, 1, H], ends the loop early (the evaluation's model-decided end)."""
+    pos, am, s0 = batch.position_ids, batch.attention_mask, batch.slot_start
     cache = DynamicCache(config=lm.config)
     out = lm(inputs_embeds=emb[:, :s0], position_ids=pos[:, :, :s0], attention_mask=am[:, :s0], cache=cache,
              use_cache=True, **kw)
-    attn = out.attentions if need_attn else None
-    parts = [(0, attn)] if need_attn else []
-    hs = [out.last_hidden_state]
+    attn = out.attentions if kw.get("output_attentions") else None
+    loop = Loop(cache, [out.last_hidden_state], [], attn, [(0, attn)] if attn is not None else [])
     h = out.last_hidden_state[:, -1:]
-    zs = []
     for k in range(K):
-        zs.append(h)
+        if stop is not None and stop(k, h):
+            break
+        loop.zs.append(h)
         o = lm(inputs_embeds=h, position_ids=pos[:, :, s0 + k:s0 + k + 1], attention_mask=am[:, :s0 + k + 1],
                cache=cache, use_cache=True, **kw)
-        if need_attn:
-            parts.append((s0 + k, o.attentions))
+        if attn is not None:
+            loop.parts.append((s0 + k, o.attentions))
         h = o.last_hidden_state
-        hs.append(h)
-    return after_segment(model, batch, emb, cache, hs, zs, mask4, attn, parts, kw)
+        loop.hs.append(h)
+    return loop
 
 
-def after_segment(model, batch: Batch, emb: torch.Tensor, cache, hs: list, zs: list, mask4=None, attn=None,
-                  parts=(), kw=None) -> Out:
-    """The positions after a fed-back segment, on the `cache` of the prefix and the segment's K
-    steps (`hs`: their hidden states, `zs`: the vectors fed): the end of `forward`, also run by
-    the evaluation on the cache of its own segment loop (the same calls, so the same numbers)."""
-    kw, parts = kw or {}, list(parts)
+def after_segment(model, batch: Batch, emb: torch.Tensor, loop: Loop, mask4=None, kw=None) -> Out:
+    """The positions after a fed-back segment, on the cache of `loop` (the prefix and the
+    segment's K steps): the end of `forward`, also run by the evaluation on its own stopping
+    loop when every row ran the whole segment (the same calls, so the same numbers)."""
+    kw, hs, parts = kw or {}, list(loop.hs), list(loop.parts)
     K, s0, am = batch.n_latents, batch.slot_start, batch.attention_mask
     if emb.shape[1] > s0 + K:
         rest = am if mask4 is None else mask4[:, :, s0 + K:]
         o = model.model.language_model(inputs_embeds=emb[:, s0 + K:], position_ids=batch.position_ids[:, :, s0 + K:],
-                                       attention_mask=rest, cache=cache, use_cache=True, **kw)
-        hs = [*hs, o.last_hidden_state]
+                                       attention_mask=rest, cache=loop.cache, use_cache=True, **kw)
+        hs.append(o.last_hidden_state)
         if kw.get("output_attentions"):
             parts.append((s0 + K, o.attentions))
-    return Out(torch.cat(hs, dim=1), torch.cat(zs, dim=1), attn, parts)
+    return Out(torch.cat(hs, dim=1), torch.cat(loop.zs, dim=1), loop.attn, parts)
 
 
 def logits_at(model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

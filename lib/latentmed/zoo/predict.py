@@ -17,7 +17,7 @@ from ..engine import layouts
 from ..testbed.items import FAMILIES
 from .bank import FILL_OF_SOURCE, FeatureBank, fill_for
 from .batching import Plan, bind_rope, collate
-from .forward import after_segment, bottleneck_mask, embed, forward, logits_at
+from .forward import after_segment, bottleneck_mask, embed, forward, latent_loop, logits_at
 
 
 @torch.no_grad()
@@ -85,30 +85,19 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
     cap = (spec.max_latents or K) if spec.end_rule == "model_or_cap" else K
     may_end = spec.end_rule != "after_k_sample"
     probe = collate(tok, bank, idx, replace(plan, n_latents=cap))
-    lm = model.model.language_model
     emb = embed(model, probe)
-    s0 = probe.slot_start
-    cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=emb[:, :s0], position_ids=probe.position_ids[:, :, :s0],
-             attention_mask=probe.attention_mask[:, :s0], cache=cache, use_cache=True)
-    trig = model.lm_head(out.last_hidden_state[:, -2]).argmax(-1) == start_id
-    hs, zs = [out.last_hidden_state], []
-    h = out.last_hidden_state[:, -1:]
     ks = torch.full((len(idx),), cap, dtype=torch.long)
     done = torch.zeros(len(idx), dtype=torch.bool)
-    for k in range(cap):
-        # the engine's rule: a model-decided end may come before any latent; otherwise after one
+
+    def stop(k, h):  # the engine's rule: a model-decided end may come before any latent; otherwise after one
         can_end = may_end and (k > 0 or spec.end_rule == "model_or_cap")
-        stop = (model.lm_head(h[:, 0]).argmax(-1) == end_id) & ~done & can_end
-        ks[stop] = k
-        done |= stop
-        if done.all():
-            break
-        zs.append(h)
-        o = lm(inputs_embeds=h, position_ids=probe.position_ids[:, :, s0 + k:s0 + k + 1],
-               attention_mask=probe.attention_mask[:, :s0 + k + 1], cache=cache, use_cache=True)
-        h = o.last_hidden_state
-        hs.append(h)
+        now = (model.lm_head(h[:, 0]).argmax(-1) == end_id) & ~done & can_end
+        ks[now] = k
+        done[now] = True
+        return bool(done.all())
+
+    loop = latent_loop(model.model.language_model, emb, probe, cap, {}, stop)
+    trig = model.lm_head(loop.hs[0][:, -2]).argmax(-1) == start_id
     records = [None] * len(idx)
     for k in sorted(set(ks.tolist())):
         rows = [j for j in range(len(idx)) if ks[j] == k]
@@ -121,7 +110,7 @@ def _predict_latent(model, tok, bank, idx, plan, constant):
             kplan = replace(plan, n_latents=k)
             if k == cap and len(rows) == len(idx):  # every row ran the whole segment: the probe is
                 # forward's own prefix and loop on this very batch, so only the rest is run
-                out = after_segment(model, probe, emb, cache, hs, zs, bottleneck_mask(probe, kplan, emb.dtype))
+                out = after_segment(model, probe, emb, loop, bottleneck_mask(probe, kplan, emb.dtype))
                 batch = probe
             else:
                 batch = collate(tok, bank, sub, kplan)
