@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -320,6 +321,26 @@ def test_export_killed_mid_copy_never_leaves_a_json_pointing_at_half_copied_imag
 
 
 # ---------------------------------------------------------------- results, caches, chapters
+
+def _write_many(path: Path, value: float) -> None:
+    for _ in range(200):
+        files.atomic_save_tensors({"x": torch.full((10_000,), value)}, path)
+
+
+def test_processes_writing_one_file_at_once_never_share_a_temporary(tmp_path):
+    """Two processes saving one path at once (parallel chapters writing one tower output to the
+    disk memo): each write is whole, the file is one of them, no temporary is left behind."""
+    target = tmp_path / "t.safetensors"
+    procs = [multiprocessing.get_context("fork").Process(target=_write_many, args=(target, v)) for v in (1.0, 2.0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    x = files.load_tensors(target)["x"]
+    assert torch.equal(x, torch.ones(10_000)) or torch.equal(x, torch.full((10_000,), 2.0))
+    assert not list(tmp_path.glob(".*.tmp"))
+
 
 def test_results_store_killed_at_every_write_keeps_each_row_once(tmp_path):
     import latentmed.store as st

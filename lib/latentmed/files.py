@@ -25,10 +25,16 @@ class DamagedFileError(ValueError):
     """A file the project cannot read: truncated, corrupt or of the wrong kind (names the file)."""
 
 
+def _tmp_for(path: Path) -> Path:
+    """The temporary file an atomic write renames onto `path`: named per process, so processes
+    writing one path at once (the tower's disk memo in parallel chapters) never share one."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_for(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
@@ -41,7 +47,7 @@ def atomic_write_json(path: str | Path, obj) -> Path:
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """Save tensors as safetensors through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_for(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path

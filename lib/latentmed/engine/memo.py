@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..files import state_hash
+from ..files import atomic_save_tensors, state_hash
 
 # A tower with more parameters than this is keyed by its identity instead of a digest of its
 # weights (hashing a 7B model's tower on every load would cost more than it saves).
@@ -179,14 +179,9 @@ class DiskMemo:
         size = value.numel() * value.element_size()
         if not self._on(key) or self.added + size > self.max_bytes:
             return
-        from safetensors.torch import save_file
-
         folder = self.folder()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self._name(key)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"  # several chapters may write one key at once
-        save_file({"tokens": value.detach().contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_save_tensors({"tokens": value}, folder / self._name(key))  # chapters may write one key at once
         self.added += size
 
 
